@@ -1,0 +1,246 @@
+"""The hub: dispatches events to monitors at their cadence, batches what they return, and hands
+it to the sinks at the log interval. It is the only place that moves numbers to the host."""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from .base import Monitor, check_hook_names
+from .events import EVENTS, STEP_EVENTS, RunContext
+from .finding import Finding
+from .media import Histogram
+
+MONITOR_FAILED = "MONITOR_FAILED"
+
+
+def _print_console(line: str) -> None:
+    print(f"protowatch: {line}", file=sys.stderr, flush=True)
+
+
+class MonitorHub:
+    """Runs monitors for one training run.
+
+    Args:
+        monitors: the monitor instances (see :func:`monitors.registry.build_monitors`).
+        sinks: writers (W&B, local records); only rank 0 writes.
+        log_every: optimizer steps between two log intervals. Per-step values are buffered on
+            the device and moved to the host in one batch per interval.
+        stop_on_error: set :attr:`should_stop` when a finding of severity ``error`` arrives, so
+            the loop can checkpoint and stop cleanly.
+        console: where findings and monitor failures are printed (None: silent).
+    """
+
+    def __init__(
+        self,
+        monitors: Sequence[Monitor] = (),
+        sinks: Sequence[Any] = (),
+        log_every: int = 10,
+        stop_on_error: bool = False,
+        console: Optional[Callable[[str], None]] = _print_console,
+    ) -> None:
+        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+            raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
+        self.monitors: list[Monitor] = []
+        self.sinks: list[Any] = list(sinks)
+        self.log_every = log_every
+        self.stop_on_error = stop_on_error
+        self.console = console
+        self.findings: list[Finding] = []
+        self.should_stop = False
+        self.disabled: dict[str, str] = {}     # monitor name -> error that switched it off
+        self.last_values: dict[str, float] = {}  # latest host value of every scalar logged
+        self.ctx: Optional[RunContext] = None
+        self._rows: dict[int, dict[str, Any]] = defaultdict(dict)  # step -> buffered values
+        self._seen: set[tuple[str, str]] = set()
+        self._monitor_seconds = 0.0
+        self._last_flushed_step = -1
+        self._summary: dict[str, Any] = {}
+        self._closed = False
+        for m in monitors:
+            self.add(m)
+
+    # -- registration -----------------------------------------------------------------------
+    def add(self, monitor: Monitor) -> Monitor:
+        """Register a monitor; hook names are checked now, so a typo fails at once."""
+        if not isinstance(monitor, Monitor):
+            raise TypeError(f"expected a monitors.Monitor instance, got {type(monitor).__name__}")
+        check_hook_names(monitor)
+        if any(m.state_key == monitor.state_key for m in self.monitors):
+            raise ValueError(f"two monitors share the name {monitor.state_key!r}: give one another name")
+        self.monitors.append(monitor)
+        return monitor
+
+    def get(self, name: str) -> Optional[Monitor]:
+        return next((m for m in self.monitors if m.name == name), None)
+
+    # -- events -----------------------------------------------------------------------------
+    def emit(self, event: str, ctx: RunContext) -> None:
+        """Call ``event`` on every active monitor whose cadence includes ``ctx.step``."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; events are {', '.join(EVENTS)}")
+        self.ctx = ctx
+        t0 = time.perf_counter()
+        per_step = event in STEP_EVENTS
+        for m in self.monitors:
+            if m.name in self.disabled:
+                continue
+            if per_step and ctx.step % m.every_n_steps != 0:
+                continue
+            self._call(m, event, ctx)
+        self._monitor_seconds += time.perf_counter() - t0
+        if event == "on_step_end":
+            self.log({"perf/monitor_ms": 1000.0 * self._monitor_seconds}, step=ctx.step)
+            self._monitor_seconds = 0.0
+            if (ctx.step + 1) % self.log_every == 0:
+                self.flush()
+        elif event in ("on_save_checkpoint", "on_train_end"):
+            self.flush()
+
+    def _call(self, m: Monitor, hook: str, ctx: RunContext) -> None:
+        try:
+            out = getattr(m, hook)(ctx)
+            if out:
+                self.log(out, step=ctx.step)
+        except Exception as exc:  # a monitor must never stop training
+            self.disabled[m.name] = f"{type(exc).__name__}: {exc}"
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            self._add_finding(Finding(
+                MONITOR_FAILED, "warning", int(ctx.step),
+                f"monitor {m.name!r} raised in {hook} ({detail}) and was switched off; "
+                "training goes on. Fix the monitor or remove it from the monitors list.",
+            ))
+        for f in m.pop_findings():
+            self._add_finding(f)
+
+    # -- values -----------------------------------------------------------------------------
+    def log(self, values: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Buffer values for ``step`` (default: the current step). Tensors may stay on the device."""
+        if step is None:
+            step = self.ctx.step if self.ctx is not None else 0
+        self._rows[int(step)].update(values)
+
+    def set_summary(self, values: Mapping[str, Any]) -> None:
+        """Values for the run summary (written at the next flush)."""
+        self._summary.update(values)
+
+    def flush(self) -> None:
+        """Move buffered values to the host (one transfer per device), run ``on_log``, write to
+        the sinks. Called at each log interval, at checkpoints and at the end."""
+        ctx = self.ctx
+        if ctx is not None:
+            for m in self.monitors:
+                if m.name not in self.disabled:
+                    self._call(m, "on_log", ctx)
+        rows = sorted(self._rows.items())
+        self._rows = defaultdict(dict)
+        host_rows = _to_host(rows)
+        for _, row in host_rows:
+            for k, v in row.items():
+                if isinstance(v, (int, float)):
+                    self.last_values[k] = v
+        if host_rows:
+            self._last_flushed_step = max(self._last_flushed_step, host_rows[-1][0])
+        self._summary.update(self.health_summary())
+        if self._writes():
+            for sink in self.sinks:
+                if host_rows:
+                    sink.log_rows(host_rows)
+                sink.set_summary(dict(self._summary))
+
+    def _writes(self) -> bool:
+        return self.ctx is None or self.ctx.is_main_process
+
+    # -- findings ---------------------------------------------------------------------------
+    def _add_finding(self, f: Finding) -> None:
+        key = (f.code, f.severity)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.findings.append(f)
+        self.log({f"health/{f.severity}/{f.code}": 1.0}, step=f.step)
+        if self._writes():
+            if self.console is not None:
+                self.console(str(f))
+            for sink in self.sinks:
+                sink.alert(f)
+        if f.severity == "error" and self.stop_on_error:
+            self.should_stop = True
+
+    def report(self, finding: Finding) -> None:
+        """Add a finding from outside a monitor (e.g. attach-time static checks)."""
+        self._add_finding(finding)
+
+    def health_summary(self) -> dict[str, Any]:
+        """``health/errors``, ``health/warnings`` and ``health/codes`` as DESIGN.md defines them."""
+        errors = {f.code for f in self.findings if f.severity == "error"}
+        warnings = {f.code for f in self.findings if f.severity == "warning"}
+        return {
+            "health/errors": sum(f.severity == "error" for f in self.findings),
+            "health/warnings": sum(f.severity == "warning" for f in self.findings),
+            "health/codes": sorted(errors | warnings),
+        }
+
+    def codes(self, severity: Optional[str] = None) -> set[str]:
+        return {f.code for f in self.findings if severity is None or f.severity == severity}
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitors": {m.state_key: m.state_dict() for m in self.monitors},
+            "findings": [f.to_dict() for f in self.findings],
+            "disabled": dict(self.disabled),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for m in self.monitors:
+            if m.state_key in state.get("monitors", {}):
+                m.load_state_dict(state["monitors"][m.state_key])
+        self.findings = [Finding.from_dict(d) for d in state.get("findings", [])]
+        self._seen = {(f.code, f.severity) for f in self.findings}
+        self.disabled.update(state.get("disabled", {}))
+
+    # -- end --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush, finish monitors' background work (t-SNE), flush again and close the sinks."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        for m in self.monitors:
+            try:
+                out = m.close()
+                if out:
+                    self.log(out, step=max(self._last_flushed_step, 0))
+            except Exception as exc:
+                _print_console(f"monitor {m.name!r} failed to close: {exc}")
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+
+
+def _to_host(rows: Iterable[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    """Replace 0-dim tensors by floats and histogram tensors by arrays, one transfer per device."""
+    rows = [(s, dict(r)) for s, r in rows]
+    by_device: dict[torch.device, list[tuple[dict, str, torch.Tensor]]] = defaultdict(list)
+    for _, row in rows:
+        for k, v in row.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"metric {k!r} is a tensor of shape {tuple(v.shape)}; "
+                                     "return a 0-dim tensor, or wrap values in media.Histogram")
+                by_device[v.device].append((row, k, v))
+    for items in by_device.values():
+        # note: this is the one CPU-GPU sync point of the interval
+        values = torch.stack([v.detach().float().reshape(()) for _, _, v in items]).cpu().tolist()
+        for (row, k, _), x in zip(items, values):
+            row[k] = x
+    for _, row in rows:
+        for k, v in row.items():
+            if isinstance(v, Histogram) and isinstance(v.values, torch.Tensor):
+                row[k] = Histogram(v.numpy(), v.num_bins)
+    return rows

@@ -1,0 +1,173 @@
+"""Sinks write what the hub hands them. :class:`WandbSink` is the only code that talks to W&B;
+:class:`LocalSink` keeps plain local records (JSON lines, PNGs) that the dashboard reads."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from .finding import Finding
+from .media import Histogram, Image, Table
+
+STEP_KEY = "trainer/step"
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+class WandbSink:
+    """Writes rows to one W&B run, with every metric on the shared ``trainer/step`` axis.
+
+    ``run=None`` opens a run lazily on first use, offline unless ``mode`` says otherwise (no
+    account, no network). Pass ``run_id`` with ``resume=True`` to continue a run.
+    """
+
+    def __init__(self, run: Any = None, *, project: str = "protowatch", dir: Optional[str] = None,
+                 mode: str = "offline", config: Optional[Mapping[str, Any]] = None,
+                 run_id: Optional[str] = None, resume: bool = False, name: Optional[str] = None,
+                 group: Optional[str] = None, tags: Optional[list[str]] = None) -> None:
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb mode {mode!r} is not one of offline, online, disabled")
+        self._run = run
+        self._owns_run = run is None
+        self._init_kwargs = dict(project=project, dir=dir, mode=mode, config=dict(config or {}),
+                                 id=run_id, resume="allow" if resume else None, name=name,
+                                 group=group, tags=tags)
+        self._defined = False
+
+    @property
+    def run(self) -> Any:
+        if self._run is None:
+            import wandb
+
+            kwargs = {k: v for k, v in self._init_kwargs.items() if v is not None}
+            if kwargs.get("dir"):
+                os.makedirs(kwargs["dir"], exist_ok=True)
+            self._run = wandb.init(**kwargs, settings=wandb.Settings(silent=True, console="off"))
+        if not self._defined:
+            self._run.define_metric(STEP_KEY)
+            self._run.define_metric("*", step_metric=STEP_KEY)
+            self._defined = True
+        return self._run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    @property
+    def run_dir(self) -> str:
+        """The run's local directory (…/wandb/offline-run-…), which holds the .wandb log."""
+        return str(Path(self.run.dir).parent)
+
+    def log_rows(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        import wandb
+
+        for step, row in rows:
+            out: dict[str, Any] = {STEP_KEY: step}
+            for k, v in row.items():
+                if isinstance(v, Histogram):
+                    vals = v.numpy()
+                    vals = vals[np.isfinite(vals)]
+                    if vals.size:
+                        out[k] = wandb.Histogram(vals, num_bins=min(v.num_bins, 512))
+                elif isinstance(v, Image):
+                    out[k] = wandb.Image(v.array(), caption=v.caption)
+                elif isinstance(v, Table):
+                    out[k] = wandb.Table(columns=list(v.columns), data=[list(r) for r in v.rows])
+                elif isinstance(v, float) and not math.isfinite(v):
+                    out[k] = v  # W&B accepts nan/inf scalars
+                else:
+                    out[k] = v
+            self.run.log(out)
+
+    def set_summary(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def alert(self, finding: Finding) -> None:
+        """Findings always reach the summary (via the hub) and the console; alerts where online."""
+        if finding.severity == "info":
+            return
+        run = self.run
+        if self._init_kwargs.get("mode") == "online" or not self._owns_run:
+            try:
+                import wandb
+
+                level = wandb.AlertLevel.ERROR if finding.severity == "error" else wandb.AlertLevel.WARN
+                run.alert(title=finding.code, text=finding.message, level=level)
+            except Exception:  # offline runs and old clients may not support alerts
+                pass
+        run.summary[f"health/finding/{finding.code}"] = f"{finding.severity}: {finding.message}"
+
+    def close(self) -> None:
+        if self._run is not None and self._owns_run:
+            self._run.finish()
+
+
+class LocalSink:
+    """Plain records under ``directory``: ``metrics.jsonl`` (one line per step, scalars),
+    ``media/`` (PNG images, histogram and table JSON), ``media.jsonl`` (an index of media),
+    ``findings.jsonl`` and ``summary.json``. Reading them needs no W&B."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        (self.dir / "media").mkdir(parents=True, exist_ok=True)
+        self._summary: dict[str, Any] = {}
+        p = self.dir / "summary.json"
+        if p.exists():
+            try:
+                self._summary = json.loads(p.read_text())
+            except ValueError:
+                self._summary = {}
+
+    def log_rows(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as fm, open(self.dir / "media.jsonl", "a") as fx:
+            for step, row in rows:
+                scalars: dict[str, Any] = {STEP_KEY: step}
+                for k, v in row.items():
+                    if isinstance(v, (int, float)):
+                        scalars[k] = v if math.isfinite(v) else str(v)
+                    elif isinstance(v, (Histogram, Image, Table)):
+                        path = self._write_media(k, step, v)
+                        fx.write(json.dumps({STEP_KEY: step, "key": k, "type": type(v).__name__.lower(),
+                                             "path": path}) + "\n")
+                fm.write(json.dumps(scalars) + "\n")
+
+    def _write_media(self, key: str, step: int, v: Any) -> str:
+        stem = f"{_safe_name(key)}_{step:07d}"
+        if isinstance(v, Image):
+            import matplotlib.image as mpimg
+
+            rel = f"media/{stem}.png"
+            mpimg.imsave(self.dir / rel, v.array())
+        elif isinstance(v, Histogram):
+            rel = f"media/{stem}.hist.json"
+            vals = v.numpy()
+            vals = vals[np.isfinite(vals)]
+            counts, edges = np.histogram(vals, bins=v.num_bins) if vals.size else ([], [])
+            (self.dir / rel).write_text(json.dumps({"counts": list(map(int, counts)),
+                                                    "edges": list(map(float, edges))}))
+        else:
+            rel = f"media/{stem}.table.json"
+            (self.dir / rel).write_text(json.dumps({"columns": list(v.columns),
+                                                    "rows": [list(r) for r in v.rows]}, default=float))
+        return rel
+
+    def set_summary(self, values: Mapping[str, Any]) -> None:
+        self._summary.update(values)
+        tmp = self.dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(self._summary, indent=1, default=str))
+        os.replace(tmp, self.dir / "summary.json")
+
+    def alert(self, finding: Finding) -> None:
+        with open(self.dir / "findings.jsonl", "a") as f:
+            f.write(json.dumps(finding.to_dict()) + "\n")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,77 @@
+"""Command line: ``python -m pipeline {train,evaluate,sweep} --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError
+
+DEFAULT_CONFIG = "experiments/sdpn_tiny.yaml"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.get("stopped_by", "").startswith("signal"):
+        return 130
+    print(json.dumps({k: v for k, v in result.items() if k != "findings"}, indent=1, default=str))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate_checkpoint import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep_cli
+
+    return run_sweep_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description="Reference SDPN trainer with prototype monitors.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train SDPN", description=(
+        "Train SDPN. Any config key can be overridden as key=value (checked against its type); "
+        "see pipeline/config.py for every key and why its default is what it is."))
+    t.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML run config (default: {DEFAULT_CONFIG})")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_proto=512 max_steps=100")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="EER and minDCF of a checkpoint",
+                       description="Score the trials of a data directory with the checkpoint's teacher backbone (cosine).")
+    e.add_argument("--checkpoint", required=True, help="path to a checkpoint.pt written by train")
+    e.add_argument("--data", default=None, help="Kaldi dir with wav.scp, utt2spk, trials (default: the run's eval data)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("sweep", help="run a W&B-format sweep on this machine",
+                       description="Run a sweep file in W&B's format: locally (offline, N workers) or as a W&B sweep agent (--wandb).")
+    s.add_argument("file", help="sweep YAML, e.g. experiments/sweeps/num_proto_x_output_dim.yaml")
+    s.add_argument("--workers", type=int, default=1, help="trials run at once, each in its own process")
+    s.add_argument("--out", default=None, help="directory of the sweep (one exp_dir per trial inside)")
+    s.add_argument("--wandb", action="store_true", help="register the sweep with W&B and run an agent")
+    s.add_argument("--count", type=int, default=None, help="at most this many trials (random/bayes)")
+    s.set_defaults(func=_cmd_sweep)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        # user errors: one line that names the problem and the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
