@@ -1,0 +1,843 @@
+"""The health doctor: diagnoses why prototypes do not train, and says how to fix it.
+
+Every diagnosis is a :class:`~monitors.finding.Finding` with a stable code from :data:`CODES`.
+Static facts (leaf, requires_grad, param group, lr) are read from Python attributes; dynamic
+facts (value unchanged after the step, NaN/Inf, collapse, ranks disagreeing) are accumulated
+in small tensors on the device during the step and read once per log interval in
+:meth:`HealthDoctor.on_log`, so the per-step hooks never synchronise with the GPU.
+
+Checkpoint helpers (:func:`find_prototypes_in_checkpoint`,
+:func:`prototype_optimizer_state_in_checkpoint`, :func:`check_checkpoint`) are public so that
+``hub.check_checkpoint`` can reuse them outside a training loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from .base import Metrics, Monitor
+from .events import RunContext
+from .finding import Finding
+
+# -- codes ------------------------------------------------------------------------------------
+PROTO_NOT_LEAF = "PROTO_NOT_LEAF"
+PROTO_NO_GRAD = "PROTO_NO_GRAD"
+PROTO_NOT_IN_OPTIMIZER = "PROTO_NOT_IN_OPTIMIZER"
+PROTO_LR_ZERO = "PROTO_LR_ZERO"
+PROTO_NOT_UPDATING = "PROTO_NOT_UPDATING"
+PROTO_NOT_IN_CHECKPOINT = "PROTO_NOT_IN_CHECKPOINT"
+PROTO_REPLICAS_DIVERGED = "PROTO_REPLICAS_DIVERGED"
+PROTO_NONFINITE = "PROTO_NONFINITE"
+PROTO_COLLAPSE = "PROTO_COLLAPSE"
+PROTO_DUPLICATES = "PROTO_DUPLICATES"
+PROTO_NORM_OUT_OF_RANGE = "PROTO_NORM_OUT_OF_RANGE"
+
+#: code -> (default severity, what it means, the fix). docs/findings.md mirrors this table.
+CODES: dict[str, tuple[str, str, str]] = {
+    PROTO_NOT_LEAF: (
+        "error",
+        "the prototypes tensor is not a leaf of the autograd graph (nn.Parameter(x).cuda() or "
+        ".to(copy=True) returned a copy), so it gets no .grad and the optimizer cannot step it",
+        "create the Parameter on the device: nn.Parameter(x.to(device)) instead of "
+        "nn.Parameter(x).cuda(), and use that same tensor in the forward pass and the optimizer",
+    ),
+    PROTO_NO_GRAD: (
+        "error",
+        "the prototypes get no gradient (requires_grad is False, they are not used in the loss, "
+        "or the gradient is cancelled) while the rest of the model does; info during an "
+        "intended freeze (step < freeze_steps) or for up to `patience` steps",
+        "make them trainable (nn.Parameter(x), requires_grad=True), use that same tensor in the "
+        "loss, and cancel their gradient only while step < freeze_last_layer steps",
+    ),
+    PROTO_NOT_IN_OPTIMIZER: (
+        "error",
+        "no param group of the optimizer holds the prototypes, so optimizer.step() skips them",
+        "add the prototypes to the optimizer: "
+        "optimizer.add_param_group({'params': [prototypes], 'weight_decay': 0.0})",
+    ),
+    PROTO_LR_ZERO: (
+        "warning",
+        "the prototypes' param group has lr 0 while other groups train, for more than "
+        "`patience` steps; info while every group has lr 0 (warm-up) or during a freeze",
+        "a loop that rewrites every group's lr overrode the prototype lr: scale per group, "
+        "for g in optimizer.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0)",
+    ),
+    PROTO_NOT_UPDATING: (
+        "error",
+        "the prototypes have a non-zero gradient but their value did not change across "
+        "optimizer.step() for more than `update_patience` consecutive steps",
+        "make sure the optimizer that steps is the one holding the prototypes "
+        "(optimizer.add_param_group({'params': [prototypes], 'weight_decay': 0.0})), that "
+        "their group's lr is > 0, and that no code copies old values back into them",
+    ),
+    PROTO_NOT_IN_CHECKPOINT: (
+        "error",
+        "the checkpoint holds no tensor equal to the prototypes (or a resume did not restore "
+        "them), so a resumed run restarts them from random",
+        "save them: checkpoint['prototypes'] = prototypes; on resume: "
+        "prototypes.data.copy_(checkpoint['prototypes'])",
+    ),
+    PROTO_REPLICAS_DIVERGED: (
+        "error",
+        "under torch.distributed the ranks hold different prototypes (their fingerprints "
+        "differ by more than `sync_tol`), at the start or after some steps",
+        "all-reduce the gradient after backward: dist.all_reduce(prototypes.grad); "
+        "prototypes.grad /= world_size (or make them a parameter of the DDP-wrapped module); "
+        "at the start: dist.broadcast(prototypes.data, src=0)",
+    ),
+    PROTO_NONFINITE: (
+        "error",
+        "the prototypes hold NaN/Inf, or their gradient was NaN/Inf for more than "
+        "`nonfinite_patience` consecutive steps (isolated non-finite gradients, as in AMP "
+        "steps skipped by GradScaler, are info)",
+        "lower the lr, clip gradients (torch.nn.utils.clip_grad_norm_), use a GradScaler with "
+        "AMP, and check the loss for log(0) or division by a zero norm",
+    ),
+    PROTO_COLLAPSE: (
+        "warning",
+        "assignments collapsed: every row of the batch maps to the same assignment, or the "
+        "batch-mean student probability uses few prototypes (perplexity < "
+        "max(2, collapse_min_fraction * min(K, N))) in most steps of a log interval; error "
+        "after `collapse_patience` consecutive intervals",
+        "balance the targets (Sinkhorn, centering), keep the mean-entropy (me-max) "
+        "regulariser, lower the lr, and check that the inputs and augmentations differ",
+    ),
+    PROTO_DUPLICATES: (
+        "warning",
+        "more than `dup_fraction` of the prototypes have a near-duplicate (cosine > "
+        "`dup_cosine`)",
+        "initialise them randomly (uniform in +-1/sqrt(D)) instead of copies, and keep the "
+        "targets balanced (Sinkhorn) or a KoLeo/me-max regulariser",
+    ),
+    PROTO_NORM_OUT_OF_RANGE: (
+        "warning",
+        "the smallest or largest prototype norm is outside [norm_min, norm_max]",
+        "set weight decay 0 for the prototypes, L2-normalise them in the forward pass, and "
+        "check the lr",
+    ),
+}
+
+
+def _fix(code: str) -> str:
+    return CODES[code][2]
+
+
+# -- checkpoint helpers ---------------------------------------------------------------------------
+def _walk(obj: Any, path: tuple, seen: set, depth: int = 0) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """Yield (key path, tensor) for every tensor in nested dicts/lists/modules/optimizers."""
+    if depth > 32:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        return
+    if isinstance(obj, (str, bytes, int, float, bool)) or obj is None:
+        return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict(keep_vars=True)
+    elif isinstance(obj, torch.optim.Optimizer):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _walk(v, path + (k,), seen, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, path + (i,), seen, depth + 1)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def _same_storage(t: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    return (
+        t.device == prototypes.device and t.dtype == prototypes.dtype
+        and t.shape == prototypes.shape and t.stride() == prototypes.stride()
+        and t.data_ptr() == prototypes.data_ptr()
+    )
+
+
+class _Matcher:
+    """Is a tensor the prototypes? Identity, then shared storage, then equal values on CPU."""
+
+    def __init__(self, prototypes: torch.Tensor) -> None:
+        self.p = prototypes
+        self._cpu: Optional[torch.Tensor] = None
+
+    def __call__(self, t: torch.Tensor) -> bool:
+        p = self.p
+        if t is p:
+            return True
+        if t.shape != p.shape or t.is_sparse or t.device.type == "meta":
+            return False
+        try:
+            if _same_storage(t, p):
+                return True
+            if self._cpu is None:
+                self._cpu = p.detach().to("cpu")  # note: a sync point; checkpoint events only
+            return torch.equal(t.detach().to("cpu", self._cpu.dtype), self._cpu)
+        except (RuntimeError, TypeError):
+            return False
+
+
+def find_prototypes_in_checkpoint(checkpoint: Any, prototypes: torch.Tensor) -> list[str]:
+    """Key paths (components joined by "/") where ``checkpoint`` holds a tensor equal to
+    ``prototypes``: e.g. ``["prototypes"]`` or ``["model/head.prototypes"]``. Nested dicts,
+    lists, tuples, modules and optimizers are searched; a match is the same tensor, the same
+    storage, or the same shape with equal values (compared on CPU copies). Empty: not saved."""
+    match = _Matcher(prototypes)
+    return [_path_str(path) for path, t in _walk(checkpoint, (), set()) if match(t)]
+
+
+def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor) -> list[str]:
+    """Paths of tensors with the prototypes' shape whose key mentions "proto"."""
+    return [
+        _path_str(path) for path, t in _walk(checkpoint, (), set())
+        if t.shape == prototypes.shape and "proto" in _path_str(path).lower()
+    ]
+
+
+def _optimizer_param_groups(optimizer: Any) -> Optional[list]:
+    """param_groups of an optimizer or of a wrapper (LightningOptimizer, ...)."""
+    for obj in (optimizer, getattr(optimizer, "optimizer", None), getattr(optimizer, "_optimizer", None)):
+        groups = getattr(obj, "param_groups", None) if obj is not None else None
+        if isinstance(groups, list):
+            return groups
+    return None
+
+
+def _is_prototypes(p: Any, prototypes: torch.Tensor) -> bool:
+    return p is prototypes or (isinstance(p, torch.Tensor) and _same_storage(p, prototypes))
+
+
+def _locate(optimizer: Any, prototypes: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """(group index, index in the group, flat index as in optimizer.state_dict()) or None."""
+    groups = _optimizer_param_groups(optimizer)
+    if groups is None:
+        return None
+    flat = 0
+    for gi, g in enumerate(groups):
+        for pi, p in enumerate(g.get("params", ())):
+            if _is_prototypes(p, prototypes):
+                return gi, pi, flat
+            flat += 1
+    return None
+
+
+def prototype_optimizer_state_in_checkpoint(checkpoint: Any, prototypes: torch.Tensor, optimizer: Any) -> bool:
+    """True when ``checkpoint`` holds an optimizer state_dict (a mapping with ``state`` and
+    ``param_groups``) whose param groups list the prototypes' position in ``optimizer`` and
+    whose state for that position holds a tensor of the prototypes' shape (momentum_buffer,
+    exp_avg, ...). When the live optimizer keeps no tensor state for the prototypes (plain
+    SGD), being listed in the saved param groups is enough. False when the prototypes are not
+    in ``optimizer``."""
+    where = _locate(optimizer, prototypes) if optimizer is not None else None
+    if where is None:
+        return False
+    pos = where[2]
+    live = getattr(optimizer, "state", {})
+    live_state = live.get(prototypes, {}) if isinstance(live, Mapping) else {}
+    needs_tensor = any(isinstance(v, torch.Tensor) and v.shape == prototypes.shape for v in live_state.values())
+    stack: list[Any] = [checkpoint]
+    seen: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.optim.Optimizer):
+            obj = obj.state_dict()
+        if isinstance(obj, Mapping):
+            if "state" in obj and "param_groups" in obj and isinstance(obj["state"], Mapping):
+                listed = any(
+                    pos in list(g.get("params", ())) for g in obj["param_groups"] if isinstance(g, Mapping)
+                )
+                entry = obj["state"].get(pos, obj["state"].get(str(pos), {}))
+                has_tensor = isinstance(entry, Mapping) and any(
+                    isinstance(v, torch.Tensor) and v.shape == prototypes.shape for v in entry.values()
+                )
+                if listed and (has_tensor or not needs_tensor):
+                    return True
+            stack.extend(v for v in obj.values() if isinstance(v, (Mapping, list, tuple, torch.optim.Optimizer)))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(v for v in obj if isinstance(v, (Mapping, list, tuple, torch.optim.Optimizer)))
+    return False
+
+
+def check_checkpoint(checkpoint: Any, prototypes: torch.Tensor, step: int = 0, loaded: bool = False) -> list[Finding]:
+    """Findings about a checkpoint dict: [] when it holds the prototypes. ``loaded=True``
+    words the message for a checkpoint that was just resumed from (the prototypes must then
+    equal the saved ones)."""
+    if find_prototypes_in_checkpoint(checkpoint, prototypes):
+        return []
+    candidates = _proto_like_paths(checkpoint, prototypes)
+    if loaded and candidates:
+        return [Finding(PROTO_NOT_IN_CHECKPOINT, "warning", step, (
+            f"the checkpoint holds prototypes at {candidates[0]!r} but the current prototypes "
+            "differ from them after the resume: they were not restored. Restore them: "
+            f"prototypes.data.copy_(checkpoint{''.join(f'[{k!r}]' for k in candidates[0].split('/'))})."
+        ))]
+    if loaded:
+        return [Finding(PROTO_NOT_IN_CHECKPOINT, "error", step, (
+            "resumed from a checkpoint without prototypes: they restart from random while the "
+            "rest of the model is trained. Save them when writing checkpoints: "
+            "checkpoint['prototypes'] = prototypes, and restore them on resume: "
+            "prototypes.data.copy_(checkpoint['prototypes'])."
+        ))]
+    return [Finding(PROTO_NOT_IN_CHECKPOINT, "error", step, (
+        f"the checkpoint does not contain the prototypes {tuple(prototypes.shape)}: a resumed run "
+        "would restart them from random. Save them: checkpoint['prototypes'] = prototypes (or "
+        "make them an nn.Parameter of a module whose state_dict is saved), and restore them on "
+        "resume: prototypes.data.copy_(checkpoint['prototypes'])."
+    ))]
+
+
+# -- the monitor ------------------------------------------------------------------------------
+def _check_int(owner: str, name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float(owner: str, name: str, value: object, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValueError(f"{owner}: {name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _lr(group: Mapping[str, Any]) -> Optional[float]:
+    """A group's lr as a Python float, or None when reading it would sync (lr on the GPU)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else None
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def _distributed_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+#: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
+#: stuck/gnf: current run of consecutive steps; *_max: longest run in this log interval;
+#: psum: sum of the prototypes over the interval's steps (NaN/Inf sticks); div: largest rank disagreement;
+#: col_*: collapsed steps, identical-rows steps, smallest entropy of the mean assignment.
+_DEV: dict[str, tuple[torch.dtype, float]] = {
+    "stuck": (torch.int64, 0), "stuck_max": (torch.int64, 0),
+    "gnf": (torch.int64, 0), "gnf_max": (torch.int64, 0),
+    "psum": (torch.float64, 0.0), "div": (torch.float64, 0.0),
+    "col_hits": (torch.int64, 0), "col_ident": (torch.int64, 0),
+    "col_ent_min": (torch.float32, math.inf),
+}
+
+
+class HealthDoctor(Monitor):
+    """Emits findings (see :data:`CODES`) about prototypes that do not train.
+
+    Args:
+        patience: consecutive checked steps without a gradient (PROTO_NO_GRAD) or with lr 0
+            in the prototypes' group only (PROTO_LR_ZERO) that stay ``info``; one more is an
+            error / a warning.
+        update_patience: consecutive steps with a non-zero gradient and an unchanged value
+            after ``optimizer.step()`` tolerated before PROTO_NOT_UPDATING (read at the log
+            interval, so it fires within ``update_patience + log_every`` steps).
+        static_every: re-check that the optimizer holds the prototypes every n steps.
+        sync_every: compare the prototypes across DDP ranks every n steps (a collective: every
+            rank runs it).
+        sync_tol: relative tolerance of that comparison.
+        nonfinite_patience: consecutive steps with a NaN/Inf gradient (AMP skips) tolerated.
+        collapse_min_fraction: PROTO_COLLAPSE when the perplexity of the batch-mean student
+            probability is below ``max(2, collapse_min_fraction * min(K, N))``.
+        collapse_row_tol: rows count as identical when no column's range (max - min over the
+            rows) exceeds ``collapse_row_tol / K``.
+        collapse_patience: consecutive collapsed log intervals before the warning turns error.
+        collapse_warmup: steps ignored by the collapse check.
+        collapse_every: run the collapse check every n steps (it is O(N K)).
+        dup_cosine, dup_fraction: PROTO_DUPLICATES when more than ``dup_fraction`` of the
+            prototypes have another one at cosine > ``dup_cosine``.
+        dup_max_rows: rows compared against all others (a random subset when K is larger).
+        norm_min, norm_max: the allowed range of prototype norms.
+    """
+
+    name = "health"
+
+    def __init__(
+        self,
+        every_n_steps: Optional[int] = None,
+        patience: int = 20,
+        update_patience: int = 10,
+        static_every: int = 50,
+        sync_every: int = 5,
+        sync_tol: float = 1e-5,
+        nonfinite_patience: int = 5,
+        collapse_min_fraction: float = 0.05,
+        collapse_row_tol: float = 1e-3,
+        collapse_patience: int = 3,
+        collapse_warmup: int = 0,
+        collapse_every: int = 1,
+        dup_cosine: float = 0.99,
+        dup_fraction: float = 0.1,
+        dup_max_rows: int = 4096,
+        norm_min: float = 1e-4,
+        norm_max: float = 1e3,
+    ) -> None:
+        super().__init__(every_n_steps)
+        owner = type(self).__name__
+        self.patience = _check_int(owner, "patience", patience, 0)
+        self.update_patience = _check_int(owner, "update_patience", update_patience, 0)
+        self.static_every = _check_int(owner, "static_every", static_every, 1)
+        self.sync_every = _check_int(owner, "sync_every", sync_every, 1)
+        self.sync_tol = _check_float(owner, "sync_tol", sync_tol, 0.0)
+        self.nonfinite_patience = _check_int(owner, "nonfinite_patience", nonfinite_patience, 0)
+        self.collapse_min_fraction = _check_float(owner, "collapse_min_fraction", collapse_min_fraction, 0.0, 1.0)
+        self.collapse_row_tol = _check_float(owner, "collapse_row_tol", collapse_row_tol, 0.0)
+        self.collapse_patience = _check_int(owner, "collapse_patience", collapse_patience, 1)
+        self.collapse_warmup = _check_int(owner, "collapse_warmup", collapse_warmup, 0)
+        self.collapse_every = _check_int(owner, "collapse_every", collapse_every, 1)
+        self.dup_cosine = _check_float(owner, "dup_cosine", dup_cosine, -1.0, 1.0)
+        self.dup_fraction = _check_float(owner, "dup_fraction", dup_fraction, 0.0, 1.0)
+        self.dup_max_rows = _check_int(owner, "dup_max_rows", dup_max_rows, 1)
+        self.norm_min = _check_float(owner, "norm_min", norm_min, 0.0)
+        self.norm_max = _check_float(owner, "norm_max", norm_max, 0.0)
+        if self.norm_max <= self.norm_min:
+            raise ValueError(f"{owner}: norm_max ({norm_max}) must be larger than norm_min ({norm_min})")
+
+        # Python state (no sync to read)
+        self.nograd_steps = 0        # consecutive checked steps without a prototype gradient
+        self.lr_zero_steps = 0       # consecutive steps with lr 0 in the prototypes' group only
+        self.collapse_intervals = 0  # consecutive collapsed log intervals
+        self.collapse_checked = 0    # steps checked for collapse in this interval
+        self._reported: set[tuple[str, str]] = set()
+        # device state: 0-dim tensors, created on the prototypes' device on first use
+        self._dev: dict[str, torch.Tensor] = {}
+        # per-step scratch (not state)
+        self._where: Optional[tuple[int, int, int]] = None
+        self._last_static = -1
+        self._grad_checked_step = -1
+        self._ab_obs: Optional[tuple[int, bool]] = None  # (step, grad missing) from on_after_backward
+        self._bos_step = -1
+        self._snap: Optional[torch.Tensor] = None
+        self._snap_step = -1
+        self._grad_zero: Optional[torch.Tensor] = None
+        self._proj: Optional[torch.Tensor] = None
+
+    # -- small helpers ----------------------------------------------------------------------
+    def _say(self, ctx: RunContext, code: str, severity: str, message: str) -> None:
+        """Report once per (code, severity); the hub deduplicates too, this skips the work."""
+        if (code, severity) in self._reported:
+            return
+        self._reported.add((code, severity))
+        self.report(ctx, code, severity, message)
+
+    def _devstate(self, device: torch.device) -> dict[str, torch.Tensor]:
+        d = self._dev
+        if not d:
+            for k, (dtype, init) in _DEV.items():
+                d[k] = torch.full((), init, dtype=dtype, device=device)
+        elif next(iter(d.values())).device != device:
+            for k in list(d):
+                d[k] = d[k].to(device)
+        return d
+
+    def _groups(self, ctx: RunContext) -> Optional[list]:
+        return _optimizer_param_groups(ctx.optimizer) if ctx.optimizer is not None else None
+
+    def _proto_group(self, ctx: RunContext, rescan: bool) -> Optional[Mapping[str, Any]]:
+        """The param group holding the prototypes (O(1) with the cached position)."""
+        groups = self._groups(ctx)
+        if groups is None:
+            return None
+        w = self._where
+        if w is not None and w[0] < len(groups):
+            params = groups[w[0]].get("params", ())
+            if w[1] < len(params) and _is_prototypes(params[w[1]], ctx.prototypes):
+                return groups[w[0]]
+        if not rescan:
+            return None
+        self._where = _locate(ctx.optimizer, ctx.prototypes)
+        return groups[self._where[0]] if self._where is not None else None
+
+    def _check_optimizer(self, ctx: RunContext) -> Optional[Mapping[str, Any]]:
+        """PROTO_NOT_IN_OPTIMIZER; returns the prototypes' group."""
+        self._last_static = ctx.step
+        if ctx.optimizer is None:
+            return None
+        group = self._proto_group(ctx, rescan=True)
+        if group is None:
+            P = ctx.prototypes
+            self._say(ctx, PROTO_NOT_IN_OPTIMIZER, "error", (
+                f"the prototypes {tuple(P.shape)} are in no param group of the optimizer "
+                f"({type(ctx.optimizer).__name__}), so optimizer.step() never changes them. "
+                f"Fix: {_fix(PROTO_NOT_IN_OPTIMIZER)}."
+                + (" (They are also not a leaf tensor: see PROTO_NOT_LEAF.)" if not P.is_leaf else "")
+            ))
+        return group
+
+    def _others_have_grad(self, ctx: RunContext) -> bool:
+        P = ctx.prototypes
+        groups = self._groups(ctx)
+        params: list = []
+        if groups is not None:
+            params = [p for g in groups for p in g.get("params", ())]
+        if not params and ctx.model is not None:
+            params = list(ctx.model.parameters())
+        if not params:
+            return True  # cannot tell: assume the rest of the model trains
+        return any(p is not P and isinstance(p, torch.Tensor) and p.grad is not None for p in params)
+
+    def _check_not_leaf(self, ctx: RunContext) -> bool:
+        P = ctx.prototypes
+        if P.is_leaf:
+            return False
+        self._say(ctx, PROTO_NOT_LEAF, "error", (
+            f"the prototypes are not a leaf tensor (grad_fn={type(P.grad_fn).__name__}): they are "
+            "a copy of the parameter, so they never get a .grad and no optimizer can step them. "
+            "This is the nn.Parameter(x).cuda() / .to(copy=True) trap. Fix: "
+            f"{_fix(PROTO_NOT_LEAF)}."
+        ))
+        return True
+
+    def _grad_step_check(self, ctx: RunContext, grad_missing: bool) -> None:
+        """PROTO_NO_GRAD: count consecutive steps without a gradient (once per step)."""
+        self._grad_checked_step = ctx.step
+        if not grad_missing:
+            self.nograd_steps = 0
+            return
+        if not self._others_have_grad(ctx):
+            return  # nothing has gradients (accumulation step, eval): not our business
+        P = ctx.prototypes
+        if ctx.step < ctx.freeze_steps:
+            self._say(ctx, PROTO_NO_GRAD, "info", (
+                f"the prototypes get no gradient at step {ctx.step}: expected during the freeze "
+                f"(freeze_steps={ctx.freeze_steps}, e.g. freeze_last_layer cancels it)."
+            ))
+            return
+        self.nograd_steps += 1
+        why = "requires_grad is False" if not P.requires_grad else "they are not used in the loss or the gradient is cancelled"
+        if self.nograd_steps > self.patience:
+            self._say(ctx, PROTO_NO_GRAD, "error", (
+                f"the prototypes got no gradient for {self.nograd_steps} consecutive steps while the "
+                f"rest of the model did ({why}). Fix: {_fix(PROTO_NO_GRAD)}."
+            ))
+        else:
+            self._say(ctx, PROTO_NO_GRAD, "info", (
+                f"the prototypes got no gradient at step {ctx.step} while the rest of the model did "
+                f"({why}); an error follows after {self.patience} such steps in a row."
+            ))
+
+    def _check_lr(self, ctx: RunContext, group: Optional[Mapping[str, Any]]) -> Optional[float]:
+        """PROTO_LR_ZERO from Python floats; returns the prototypes' lr (None if unknown)."""
+        if group is None:
+            return None
+        lr = _lr(group)
+        if lr is None or lr != 0.0:
+            self.lr_zero_steps = 0
+            return lr
+        groups = self._groups(ctx) or [group]
+        others = [_lr(g) for g in groups if g is not group]
+        all_zero = all(x == 0.0 for x in others if x is not None)
+        if all_zero or ctx.step < ctx.freeze_steps:
+            self.lr_zero_steps = 0
+            why = "every param group has lr 0 (a warm-up starting at 0)" if all_zero else \
+                f"an intended freeze (freeze_steps={ctx.freeze_steps})"
+            self._say(ctx, PROTO_LR_ZERO, "info", (
+                f"the prototypes' lr is 0 at step {ctx.step}: {why}; they do not move this step."
+            ))
+            return lr
+        self.lr_zero_steps += 1
+        if self.lr_zero_steps > self.patience:
+            self._say(ctx, PROTO_LR_ZERO, "warning", (
+                f"the prototypes' param group has had lr 0 for {self.lr_zero_steps} steps while other "
+                f"groups train (lr up to {max(x for x in others if x is not None):g}): the prototypes "
+                f"are frozen. Likely cause: {_fix(PROTO_LR_ZERO)}."
+            ))
+        else:
+            self._say(ctx, PROTO_LR_ZERO, "info", (
+                f"the prototypes' param group has lr 0 at step {ctx.step} while other groups train; "
+                f"a warning follows after {self.patience} such steps in a row."
+            ))
+        return lr
+
+    def _fingerprint(self, P: torch.Tensor) -> torch.Tensor:
+        """(3,) float64: sum, sum of squares, projection on a fixed random vector (same seed
+        on every rank)."""
+        x = P.detach().reshape(-1).to(torch.float64)
+        if self._proj is None or self._proj.numel() != x.numel() or self._proj.device != x.device:
+            g = torch.Generator().manual_seed(20250101)
+            self._proj = (torch.rand(x.numel(), generator=g, dtype=torch.float64) - 0.5).to(x.device)
+        return torch.stack([x.sum(), (x * x).sum(), (x * self._proj).sum()])
+
+    def _replica_gap(self, P: torch.Tensor) -> torch.Tensor:
+        """Largest relative disagreement of the fingerprint across ranks (a collective)."""
+        f = self._fingerprint(P)
+        both = torch.cat([f, -f])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        mx, mn = both[:3], -both[3:]
+        return ((mx - mn) / (1.0 + mx.abs())).amax()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def on_train_start(self, ctx: RunContext) -> Metrics:
+        P = ctx.prototypes
+        self._check_not_leaf(ctx)
+        if not P.requires_grad:
+            if ctx.freeze_steps > 0:
+                self._say(ctx, PROTO_NO_GRAD, "info", (
+                    f"the prototypes have requires_grad=False at the start; freeze_steps="
+                    f"{ctx.freeze_steps}, so this is taken as an intended freeze. Set "
+                    "prototypes.requires_grad_(True) when the freeze ends."
+                ))
+            else:
+                self._say(ctx, PROTO_NO_GRAD, "error", (
+                    "the prototypes have requires_grad=False, so they never get a gradient. Fix: "
+                    "create them as nn.Parameter(x) (or call prototypes.requires_grad_(True)) before "
+                    "building the optimizer."
+                ))
+        self._check_optimizer(ctx)
+        # non-step event: reading device values is allowed
+        if not bool(torch.isfinite(P.detach()).all()):
+            self._say(ctx, PROTO_NONFINITE, "error", (
+                f"the prototypes hold NaN/Inf before training starts: check their initialisation. "
+                f"Fix: {_fix(PROTO_NONFINITE)}."
+            ))
+        if _distributed_world() > 1:
+            gap = float(self._replica_gap(P))
+            if gap > self.sync_tol:
+                self._say(ctx, PROTO_REPLICAS_DIVERGED, "error", (
+                    f"the ranks start from different prototypes (relative fingerprint gap {gap:.3g}): "
+                    "initialise them identically: seed every rank the same (torch.manual_seed(seed)) "
+                    "before creating them, or broadcast them from rank 0 after creating them: "
+                    "dist.broadcast(prototypes.data, src=0)."
+                ))
+        return None
+
+    def on_after_backward(self, ctx: RunContext) -> Metrics:
+        if self._check_not_leaf(ctx):
+            return None
+        self._ab_obs = (ctx.step, ctx.prototypes.grad is None)
+        return None
+
+    def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
+        P = ctx.prototypes
+        self._bos_step = ctx.step
+        if self._check_not_leaf(ctx):
+            return None
+        grad = P.grad
+        self._grad_step_check(ctx, grad is None)
+        if ctx.step - self._last_static >= self.static_every or ctx.step % self.static_every == 0:
+            group = self._check_optimizer(ctx)
+        else:
+            group = self._proto_group(ctx, rescan=False)
+        lr = self._check_lr(ctx, group)
+        if grad is None:
+            return None
+        d = self._devstate(P.device)
+        # few kernel launches per step: one pass over the gradient gives its norm, which is
+        # NaN/Inf iff an entry is (or |g| > ~1e19 in float32), and > 0 iff an entry is non-zero
+        gnorm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+        finite = gnorm < math.inf  # NaN < inf is False
+        # NaN/Inf gradient: consecutive count (AMP's GradScaler skips isolated ones)
+        d["gnf"].add_(1).masked_fill_(finite, 0)
+        torch.maximum(d["gnf_max"], d["gnf"], out=d["gnf_max"])
+        # snapshot for PROTO_NOT_UPDATING (skipped when lr 0 or frozen: other codes cover it)
+        if lr != 0.0 and ctx.step >= ctx.freeze_steps:
+            if self._snap is None or self._snap.shape != P.shape or self._snap.device != P.device \
+                    or self._snap.dtype != P.dtype:
+                self._snap = torch.empty_like(P, memory_format=torch.contiguous_format).detach()
+            self._snap.copy_(P.detach())
+            self._grad_zero = ~(gnorm > 0)  # NaN > 0 is False: a NaN step is not "stuck"
+            self._snap_step = ctx.step
+        return None
+
+    def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
+        P = ctx.prototypes
+        if self._bos_step != ctx.step and self._grad_checked_step != ctx.step and P.is_leaf:
+            self._grad_step_check(ctx, P.grad is None)
+        if self._snap_step == ctx.step and self._snap is not None:
+            d = self._devstate(P.device)
+            moved = (P.detach() != self._snap).any()
+            # counter = (counter + 1) * stuck, stuck = gradient non-zero and value unchanged
+            d["stuck"].add_(1).masked_fill_(moved | self._grad_zero, 0)
+            torch.maximum(d["stuck_max"], d["stuck"], out=d["stuck_max"])
+            self._snap_step = -1
+        if ctx.step % self.sync_every == 0 and _distributed_world() > 1:
+            d = self._devstate(P.device)
+            torch.maximum(d["div"], self._replica_gap(P), out=d["div"])
+        return None
+
+    def on_step_end(self, ctx: RunContext) -> Metrics:
+        P = ctx.prototypes
+        d = self._devstate(P.device)
+        if (self._grad_checked_step != ctx.step and self._ab_obs is not None
+                and self._ab_obs[0] == ctx.step):
+            self._grad_step_check(ctx, self._ab_obs[1])
+        # a running sum is NaN/Inf iff an entry ever was (prototypes are far below overflow)
+        d["psum"].add_(P.detach().sum(dtype=torch.float64))
+        out = ctx.outputs
+        if out is None or ctx.step < self.collapse_warmup:
+            return None
+        if (ctx.step - self.collapse_warmup) % self.collapse_every != 0:
+            return None
+        probs, targets = out.student_probs, out.teacher_targets
+        mats = [m.detach() for m in (probs, targets) if m is not None and m.dim() == 2 and m.shape[0] >= 2]
+        if not mats:
+            return None
+        # rows identical: every input maps to the same assignment (representation collapse).
+        # The largest column range over the rows, in units of 1/K, of each matrix.
+        x = torch.stack(mats) if len(mats) == 2 and mats[0].shape == mats[1].shape else mats[0][None]
+        lo, hi = torch.aminmax(x, dim=1)  # (M, K)
+        ident = (hi - lo).amax() <= self.collapse_row_tol / x.shape[-1]  # all M identical
+        collapsed = ident
+        # few prototypes used: entropy of the batch-mean student probability (rows sum to 1)
+        a = probs.detach() if probs is not None and probs.dim() == 2 else mats[0]
+        n, k = a.shape
+        if min(k, n) >= 4:
+            ent = torch.special.entr(a.float().mean(dim=0)).sum()
+            torch.minimum(d["col_ent_min"], ent, out=d["col_ent_min"])
+            threshold = max(2.0, self.collapse_min_fraction * min(k, n))  # perplexity
+            collapsed = collapsed | (ent < math.log(threshold))
+        d["col_hits"].add_(collapsed)
+        d["col_ident"].add_(ident)
+        self.collapse_checked += 1
+        return None
+
+    def on_log(self, ctx: RunContext) -> Metrics:
+        P = ctx.prototypes.detach()
+        d = self._devstate(P.device)
+        K = P.shape[0]
+        # cheap O(K^2 D) statistics at the interval, read together with the accumulators
+        extra: list[torch.Tensor] = []
+        if P.dim() == 2 and K >= 2:
+            Pf = P.float()
+            norms = Pf.norm(dim=1)
+            extra += [norms.min().double(), norms.max().double()]
+            Pn = Pf / norms.clamp_min(1e-12)[:, None]
+            if K > self.dup_max_rows:
+                g = torch.Generator().manual_seed(ctx.step)
+                idx = torch.randperm(K, generator=g)[: self.dup_max_rows].to(P.device)
+            else:
+                idx = torch.arange(K, device=P.device)
+            best = []  # per compared row: the largest cosine to another prototype
+            rows = max(1, (1 << 24) // K)  # at most 16M similarities (64 MB) at a time
+            for chunk in idx.split(rows):
+                sim = Pn[chunk] @ Pn.T  # (m, K) cosine
+                sim[torch.arange(chunk.numel(), device=P.device), chunk] = -2.0  # not yourself
+                best.append(sim.amax(dim=1))
+            extra.append((torch.cat(best) > self.dup_cosine).double().mean())
+        keys = tuple(_DEV)
+        # note: the one CPU-GPU sync point of this monitor per interval
+        values = torch.stack([d[k].double() for k in keys] + extra).cpu().tolist()
+        v = dict(zip(keys, values))
+        step = ctx.step
+
+        if v["stuck_max"] > self.update_patience:
+            self._say(ctx, PROTO_NOT_UPDATING, "error", (
+                f"the prototypes had a non-zero gradient but did not change across optimizer.step() "
+                f"for {int(v['stuck_max'])} consecutive steps (up to step {step}): the optimizer that "
+                f"steps does not update them. Fix: {_fix(PROTO_NOT_UPDATING)}."
+            ))
+        if not math.isfinite(v["psum"]):
+            self._say(ctx, PROTO_NONFINITE, "error", (
+                f"the prototypes hold NaN/Inf (seen by step {step}): training of the prototypes is "
+                f"lost from there on; resume from an earlier checkpoint. Fix: {_fix(PROTO_NONFINITE)}."
+            ))
+        if v["gnf_max"] > self.nonfinite_patience:
+            self._say(ctx, PROTO_NONFINITE, "error", (
+                f"the prototypes' gradient was NaN/Inf for {int(v['gnf_max'])} consecutive steps (by "
+                f"step {step}). Fix: {_fix(PROTO_NONFINITE)}."
+            ))
+        elif v["gnf_max"] > 0:
+            self._say(ctx, PROTO_NONFINITE, "info", (
+                f"the prototypes' gradient was NaN/Inf in step(s) up to step {step}; "
+                "isolated ones are normal with AMP (GradScaler skips those steps)."
+            ))
+        if v["div"] > self.sync_tol:
+            self._say(ctx, PROTO_REPLICAS_DIVERGED, "error", (
+                f"the prototypes differ across the {_distributed_world()} ranks (relative fingerprint "
+                f"gap {v['div']:.3g} by step {step}): their gradient is not averaged across ranks "
+                f"because they live outside the DDP module, so each rank trains its own. Fix: "
+                f"{_fix(PROTO_REPLICAS_DIVERGED)}."
+            ))
+        if self.collapse_checked > 0:
+            if 2 * v["col_hits"] > self.collapse_checked:
+                self.collapse_intervals += 1
+                if v["col_ident"] * 2 > self.collapse_checked:
+                    what = ("every input of the batch maps to the same assignment (the rows of the "
+                            "student probabilities / teacher targets are identical): the "
+                            "representation collapsed, or the inputs are all the same")
+                else:
+                    what = (f"the batch-mean student probability uses few prototypes (perplexity "
+                            f"{math.exp(v['col_ent_min']):.3g} of {K})")
+                sev = "error" if self.collapse_intervals >= self.collapse_patience else "warning"
+                self._say(ctx, PROTO_COLLAPSE, sev, (
+                    f"assignment collapse in {int(v['col_hits'])} of {self.collapse_checked} steps up to "
+                    f"step {step} ({self.collapse_intervals} log interval(s) in a row): {what}. Fix: "
+                    f"{_fix(PROTO_COLLAPSE)}."
+                ))
+            else:
+                self.collapse_intervals = 0
+        if extra:
+            nmin, nmax, dup = values[len(keys)], values[len(keys) + 1], values[len(keys) + 2]
+            if dup > self.dup_fraction:
+                self._say(ctx, PROTO_DUPLICATES, "warning", (
+                    f"{100 * dup:.0f}% of the prototypes have a near-duplicate (cosine > "
+                    f"{self.dup_cosine}) at step {step}: they waste capacity. Fix: {_fix(PROTO_DUPLICATES)}."
+                ))
+            if nmin < self.norm_min or nmax > self.norm_max:
+                self._say(ctx, PROTO_NORM_OUT_OF_RANGE, "warning", (
+                    f"prototype norms span [{nmin:.3g}, {nmax:.3g}] at step {step}, outside "
+                    f"[{self.norm_min:g}, {self.norm_max:g}]. Fix: {_fix(PROTO_NORM_OUT_OF_RANGE)}."
+                ))
+        # reset the interval accumulators (the consecutive counters carry on)
+        d["stuck_max"].copy_(d["stuck"])
+        d["gnf_max"].copy_(d["gnf"])
+        d["div"].zero_()
+        d["col_hits"].zero_()
+        d["col_ident"].zero_()
+        d["col_ent_min"].fill_(math.inf)
+        d["psum"].zero_()
+        self.collapse_checked = 0
+        return None
+
+    def on_save_checkpoint(self, ctx: RunContext) -> Metrics:
+        if ctx.checkpoint is None:
+            return None
+        for f in check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step):
+            self._say(ctx, f.code, f.severity, f.message)
+        return None
+
+    def on_load_checkpoint(self, ctx: RunContext) -> Metrics:
+        if ctx.checkpoint is None:
+            return None
+        for f in check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=True):
+            self._say(ctx, f.code, f.severity, f.message)
+        return None
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "nograd_steps": self.nograd_steps,
+            "lr_zero_steps": self.lr_zero_steps,
+            "collapse_intervals": self.collapse_intervals,
+            "collapse_checked": self.collapse_checked,
+            "reported": sorted([c, s] for c, s in self._reported),
+            "device": {k: v.detach().cpu().clone() for k, v in self._dev.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.nograd_steps = int(state.get("nograd_steps", 0))
+        self.lr_zero_steps = int(state.get("lr_zero_steps", 0))
+        self.collapse_intervals = int(state.get("collapse_intervals", 0))
+        self.collapse_checked = int(state.get("collapse_checked", 0))
+        self._reported = {(c, s) for c, s in state.get("reported", [])}
+        dev = state.get("device", {})
+        self._dev = {}
+        if dev:
+            # moved to the prototypes' device on first use (see _devstate)
+            for k, (dtype, init) in _DEV.items():
+                self._dev[k] = torch.as_tensor(dev.get(k, init), dtype=dtype).clone()
