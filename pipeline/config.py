@@ -39,7 +39,7 @@ class Config:
     snr_max: float = 20.0
     num_workers: int = 0             # DataLoader workers (0: load in the training process)
     # -- model --------------------------------------------------------------------------------
-    channels: int = 512              # ECAPA-TDNN width
+    channels: int = 1024             # ECAPA-TDNN width (3D-Speaker sdpn.yaml)
     scale: int = 8                   # Res2Net scale
     embed_dim: int = 512             # speaker embedding (backbone output)
     hidden_dim: int = 2048           # head MLP width

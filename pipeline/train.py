@@ -2,6 +2,7 @@
 of DESIGN.md; it does not know which monitors exist."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -10,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,16 @@ class Schedules:
     momentum: Any
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class _StopSignal:
     """Turns SIGINT/SIGTERM into a flag the loop reads at the end of each step."""
 
@@ -170,7 +181,8 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
     else:
         student_ddp = student
     criterion = SDPNLoss(tau=cfg.tau, teacher_temp=cfg.teacher_temp, sinkhorn_iters=cfg.sinkhorn_iters,
-                         memax_weight=cfg.memax_weight, koleo_weight=cfg.koleo_loss_weight)
+                         memax_weight=cfg.memax_weight, koleo_weight=cfg.koleo_loss_weight,
+                         koleo_reduction="sum")  # as 3D-Speaker: summed over the local views
     optimizer = build_optimizer(cfg, student, prototypes)
     fbank = Fbank().to(device)
 
@@ -288,7 +300,8 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 ctx.step, ctx.epoch = step, epoch
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-                batch = default_collate([trainset[i] for i in idx])
+                with _torch_threads(1):  # small per-crop ops: more threads only oversubscribe
+                    batch = default_collate([trainset[i] for i in idx])
                 glb = batch["global"].to(device, non_blocking=True)    # (B, g, T, 80)
                 loc = batch["local"].to(device, non_blocking=True)     # (B, l, T/2, 80)
                 B = glb.shape[0]
@@ -320,7 +333,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                 hub.emit("on_before_optimizer_step", ctx)
                 optimizer.step()
                 hub.emit("on_after_optimizer_step", ctx)
-                ema_update(teacher, student, m)
+                ema_update(teacher, student, m, copy_buffers=False)  # as the original: parameters only
 
                 ctx.outputs = StepOutputs(
                     loss=out["loss"].detach(),
@@ -359,6 +372,15 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
             dist.destroy_process_group()
         result.update({"step": step, "stopped_by": stopped_by, "checkpoint": str(ckpt_path)})
         return result
+
+    if world > 1:  # the replicas must agree: compare every rank's prototypes with rank 0's
+        gathered = [torch.empty_like(prototypes.detach()) for _ in range(world)]
+        dist.all_gather(gathered, prototypes.detach().contiguous())
+        diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        hub.set_summary({"dist/world_size": world, "dist/proto_max_abs_diff": diff})
+        result["dist/proto_max_abs_diff"] = diff
+        if rank == 0:
+            print(f"prototypes on {world} ranks: max abs difference {diff:.3g}", file=sys.stderr)
 
     # -- final evaluation ----------------------------------------------------------------------------
     ctx.step = max(step - 1, 0)

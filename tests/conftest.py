@@ -1,0 +1,59 @@
+"""Shared fixtures: a micro SDPN configuration that trains in seconds on CPU, and a reader of
+real W&B offline runs (``wandb leet inspect --json``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One built-in micro corpus for the whole session."""
+    return str(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def micro(data_cache, tmp_path) -> list[str]:
+    """key=value overrides that shrink sdpn_tiny to a few seconds of training."""
+    return [
+        f"data_cache={data_cache}", "num_train_speakers=4", "num_eval_speakers=4",
+        "utts_per_speaker=4", "utt_seconds=1.0", "channels=16", "scale=4", "embed_dim=32",
+        "hidden_dim=32", "output_dim=16", "num_proto=16", "batch_size=8", "max_frames=40",
+        "epochs=4", "warmup_epochs=1", "log_every=2", "ckpt_every=100", "progress=false",
+        "threads=1", f"exp_dir={tmp_path / 'run'}",
+        "monitors={tsne: {every_n_steps: 4, background: false}, norms: {}, gradients: {}, "
+        "deltas: {}, usage: {}, similarity: {every_n_steps: 2}, evolution: {}, health: {}}",
+    ]
+
+
+def wandb_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of a real offline run, read back with ``wandb leet inspect --json``."""
+    exe = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(exe), "leet", "inspect", "--json", str(run_dir)],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def wandb_summary(run_dir: str | Path) -> dict[str, Any]:
+    exe = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(exe), "leet", "inspect", "--summary", "--json", str(run_dir)],
+                         capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout)["summary"]
+
+
+def history_keys(records: list[dict[str, Any]]) -> set[str]:
+    keys: set[str] = set()
+    for r in records:
+        if r.get("type") == "history":
+            keys.update(r["history"]["item"].keys())
+    return keys

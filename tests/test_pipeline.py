@@ -1,0 +1,186 @@
+"""The reference SDPN pipeline end to end: training through real W&B offline, checkpoints,
+SIGKILL/SIGTERM and resume, 2-process torchrun, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, history_keys, wandb_records, wandb_summary
+from monitors import Monitor
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.train import train
+
+TINY = ROOT / "experiments/sdpn_tiny.yaml"
+
+
+class Recorder(Monitor):
+    """Records the event sequence, the step counter and the prototypes at train start."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+        self.start_prototypes = None
+
+    def on_train_start(self, ctx):
+        self.events.append(("on_train_start", ctx.step))
+        self.start_prototypes = ctx.prototypes.detach().cpu().clone()
+
+    def on_after_backward(self, ctx):
+        self.events.append(("on_after_backward", ctx.step))
+
+    def on_before_optimizer_step(self, ctx):
+        self.events.append(("on_before_optimizer_step", ctx.step))
+
+    def on_after_optimizer_step(self, ctx):
+        self.events.append(("on_after_optimizer_step", ctx.step))
+
+    def on_step_end(self, ctx):
+        assert ctx.outputs is not None and ctx.outputs.student_probs is not None
+        self.events.append(("on_step_end", ctx.step))
+
+    def on_embeddings(self, ctx):
+        self.events.append(("on_embeddings", ctx.step))
+
+    def on_save_checkpoint(self, ctx):
+        self.events.append(("on_save_checkpoint", ctx.step))
+
+    def on_load_checkpoint(self, ctx):
+        self.events.append(("on_load_checkpoint", ctx.step))
+
+    def on_train_end(self, ctx):
+        self.events.append(("on_train_end", ctx.step))
+
+
+def test_training_end_to_end_through_real_wandb(micro):
+    rec = Recorder()
+    cfg = load_config(TINY, micro + ["max_steps=6", "ckpt_every=4"])
+    res = train(cfg, extra_monitors=[rec])
+    assert res["step"] == 6
+    # the exact event sequence of DESIGN.md
+    per_step = ["on_after_backward", "on_before_optimizer_step", "on_after_optimizer_step", "on_step_end"]
+    expected = [("on_train_start", 0)]
+    for s in range(6):
+        expected += [(e, s) for e in per_step]
+        if s + 1 == 4:
+            expected.append(("on_save_checkpoint", 3))
+    expected += [("on_save_checkpoint", 5), ("on_embeddings", 5), ("on_train_end", 5)]
+    assert rec.events == expected
+
+    state = torch.load(Path(cfg.exp_dir) / "checkpoint.pt", weights_only=False)
+    for key in ("student", "teacher", "prototypes", "optimizer", "step", "rng", "monitor_hub", "wandb_run_id"):
+        assert key in state, key
+    assert state["step"] == 6 and state["wandb_run_id"] == res["wandb_run_id"]
+
+    records = wandb_records(res["wandb_run_dir"])
+    keys = history_keys(records)
+    for k in ("train/loss", "train/ploss", "train/me_max", "train/ke_loss", "train/np", "train/lr",
+              "train/wd", "train/momentum", "eval/eer", "eval/min_dcf", "trainer/step"):
+        assert k in keys, k
+    summary = wandb_summary(res["wandb_run_dir"])
+    assert 0.0 <= summary["eval/eer"] <= 1.0 and 0.0 <= summary["eval/eer_at_init"] <= 1.0
+    assert summary["health/errors"] == 0 and summary["health/warnings"] == 0
+    assert summary["health/codes"] == []
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stderr.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"no {path} after {timeout}s")
+        time.sleep(0.2)
+
+
+def _start(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", str(TINY), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_after_first_checkpoint_resumes(micro, tmp_path):
+    args = micro + ["ckpt_every=3", "epochs=50", "eval_at_init=false"]
+    proc = _start(args, tmp_path)
+    ckpt_path = Path(load_config(TINY, args).exp_dir) / "checkpoint.pt"
+    _wait_for(ckpt_path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    saved = torch.load(ckpt_path, weights_only=False)
+    assert saved["step"] >= 3
+
+    rec = Recorder()
+    res = train(load_config(TINY, args + ["resume=true", f"max_steps={saved['step'] + 2}"]), extra_monitors=[rec])
+    assert rec.events[0] == ("on_load_checkpoint", 0)
+    assert rec.events[1] == ("on_train_start", saved["step"])          # the step counter continues
+    assert torch.equal(rec.start_prototypes, saved["prototypes"])      # prototypes as saved
+    assert res["step"] == saved["step"] + 2
+    assert res["wandb_run_id"] == saved["wandb_run_id"]                 # same W&B run
+    assert saved["monitor_hub"]["monitors"]["deltas"]                  # monitor state travelled
+
+
+def test_sigterm_writes_a_checkpoint_then_exits(micro, tmp_path):
+    args = micro + ["ckpt_every=1000", "epochs=200", "eval_at_init=false"]
+    proc = _start(args, tmp_path)
+    records = Path(load_config(TINY, args).exp_dir) / "records" / "metrics.jsonl"
+    _wait_for(records, proc)   # training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = torch.load(records.parent.parent / "checkpoint.pt", weights_only=False)
+    assert 0 < saved["step"] < 200 and "prototypes" in saved
+    assert "continue with resume=true" in err
+
+
+def test_torchrun_two_processes_keep_identical_prototypes(micro, tmp_path):
+    exe = Path(sys.executable).with_name("torchrun")
+    args = micro + ["max_steps=6", "eval_at_init=false", "batch_size=4", "monitors=[norms,deltas,health]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(exe), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
+                          "--config", str(TINY), *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((Path(load_config(TINY, args).exp_dir) / "records/summary.json").read_text())
+    assert summary["dist/world_size"] == 2
+    assert summary["dist/proto_max_abs_diff"] == 0.0
+    assert "PROTO_REPLICAS_DIVERGED" not in summary["health/codes"]
+
+
+@pytest.mark.parametrize("case", ["missing_audio", "empty_dir", "unknown_trial_utt", "wrong_type", "num_proto", "output_dim"])
+def test_bad_input_gets_one_line_error(case, micro, tmp_path, capsys, data_cache):
+    data = tmp_path / "data"
+    data.mkdir()
+    wav = next(Path(data_cache).rglob("*.wav"))
+    extra: list[str] = []
+    if case == "missing_audio":
+        (data / "wav.scp").write_text(f"u1 {wav}\nu2 {tmp_path / 'nope.wav'}\n")
+        (data / "utt2spk").write_text("u1 s1\nu2 s2\n")
+        extra, words = [f"data={data}"], ["nope.wav", "u2"]
+    elif case == "empty_dir":
+        extra, words = [f"data={data}"], ["wav.scp"]
+    elif case == "unknown_trial_utt":
+        (data / "wav.scp").write_text(f"u1 {wav}\nu2 {wav}\n")
+        (data / "utt2spk").write_text("u1 s1\nu2 s2\n")
+        (data / "trials").write_text("1 u1 u2\n0 u1 ghost\n")
+        extra, words = [f"eval_data={data}"], ["ghost", "trials"]
+    elif case == "wrong_type":
+        extra, words = ["batch_size=big"], ["batch_size", "must be int"]
+    else:
+        extra, words = [f"{case}=0"], [f"{case} must be >= 1"]
+    code = main(["train", "--config", str(TINY), *micro, "max_steps=1", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("error: ")
+    for w in words:
+        assert w in err[-1], (w, err[-1])
