@@ -229,6 +229,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                 prototypes.copy_(state["prototypes"].to(device))
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        ctx.step, ctx.epoch = start_step, start_step // per_epoch
         ckpt.set_rng_state(state["rng"])
         ctx.checkpoint = state
         hub.emit("on_load_checkpoint", ctx)
