@@ -1,0 +1,168 @@
+"""Overhead of ``attach(monitors="default")`` on a foreign SDPN-style loop, measured in one process.
+
+Two identical setups (student MLP + EMA teacher + free prototypes + Sinkhorn targets): A runs
+bare, B runs with the hub attached. Blocks of steps alternate A, B, A, B, ... so that machine
+drift (other processes, CPU frequency) hits both alike; the first block of each is warm-up.
+Prints the median (and mean) step time of each and the ratio B / A (target <= 1.05).
+
+    python benchmarks/bench_attach.py                 # ~1-2 min on 1 CPU thread, ~40 ms a step
+    python benchmarks/bench_attach.py --wandb         # include an offline W&B run as the sink
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from monitors import attach  # noqa: E402
+
+
+class Student(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, embed: int, out_dim: int) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                      nn.Linear(hidden, embed))
+        self.head = nn.Sequential(nn.Linear(embed, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=-1)
+
+
+def snn(z: torch.Tensor, P: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    return torch.softmax(F.normalize(z, dim=-1) @ F.normalize(P, dim=-1).T / tau, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn(t: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    q = t.T / t.sum()
+    K, B = q.shape
+    for _ in range(iters):
+        q = q / (q.sum(dim=1, keepdim=True) * K)
+        q = q / (q.sum(dim=0, keepdim=True) * B)
+    return (q * B).T
+
+
+class Setup:
+    """One foreign training loop; ``step()`` is the user's unchanged step."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        torch.manual_seed(args.seed)
+        self.args = args
+        self.student = Student(args.in_dim, args.hidden, args.embed, args.dim)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        D = args.dim
+        self.P = nn.Parameter(torch.empty(args.num_proto, D).uniform_(-1 / math.sqrt(D), 1 / math.sqrt(D)))
+        self.opt = torch.optim.SGD([{"params": self.student.parameters()},
+                                    {"params": [self.P], "weight_decay": 0.0}], lr=0.05, momentum=0.9,
+                                   weight_decay=5e-5)
+        self.means = torch.randn(64, args.in_dim) * 2
+        self.hub = None
+
+    def step(self) -> None:
+        a, B = self.args, self.args.batch
+        x = self.means[torch.randint(64, (B,))] + torch.randn(B, a.in_dim)
+        views = torch.cat([x + 0.3 * torch.randn_like(x) for _ in range(a.local_views)])
+        p = snn(self.student(views), self.P)
+        with torch.no_grad():
+            t = sinkhorn(snn(self.teacher(x), self.P) ** 4).repeat(a.local_views, 1)
+        mp = p.mean(0)
+        loss = -(t * torch.log(p + 1e-8)).sum(1).mean() + (mp * torch.log(mp + 1e-8)).sum()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
+                pt.mul_(0.996).add_(ps.detach(), alpha=0.004)
+
+
+class _PerfSink:
+    """Keeps the hub's own measure of the monitors' time per step."""
+
+    def __init__(self) -> None:
+        self.monitor_ms: list[float] = []
+
+    def log_rows(self, rows) -> None:
+        self.monitor_ms.extend(r["perf/monitor_ms"] for _, r in rows if "perf/monitor_ms" in r)
+
+    def set_summary(self, values) -> None:
+        pass
+
+    def alert(self, finding) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--block", type=int, default=25, help="steps per block")
+    ap.add_argument("--rounds", type=int, default=12, help="A/B block pairs (the first is warm-up)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--local-views", type=int, default=2)
+    ap.add_argument("--in-dim", type=int, default=80)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--embed", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=128, help="prototype dim D")
+    ap.add_argument("--num-proto", type=int, default=512, help="number of prototypes K")
+    ap.add_argument("--capture", action="store_true", help="attach(capture='head'): assignments per step")
+    ap.add_argument("--wandb", action="store_true", help="write an offline W&B run (else no sink)")
+    ap.add_argument("--monitors", default="default", help="monitors to attach ('none': the hooks and hub only)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    bare, watched = Setup(args), Setup(args)
+    tmp = tempfile.mkdtemp(prefix="bench_attach_")
+    extra = {"capture": "head"} if args.capture else {}
+    perf = _PerfSink()
+    watched.hub = attach(watched.opt, watched.P, model=watched.student, run=None if args.wandb else False,
+                         dir=tmp, console=False, log_every=10, monitors=args.monitors, sinks=[perf], **extra)
+
+    times: dict[str, list[float]] = {"bare": [], "attached": []}
+    cpu: dict[str, list[float]] = {"bare": [], "attached": []}  # CPU time of this thread: robust to load
+    for r in range(args.rounds):
+        for name, s in (("bare", bare), ("attached", watched)) if r % 2 == 0 else (("attached", watched), ("bare", bare)):
+            for _ in range(args.block):
+                c0, t0 = time.thread_time(), time.perf_counter()
+                s.step()
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                if r > 0:  # round 0 is warm-up
+                    times[name].append(dt)
+                    cpu[name].append(dc)
+    watched.hub.close()
+
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    mean = {k: statistics.fmean(v) * 1000 for k, v in times.items()}
+    cmed = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
+    cmean = {k: statistics.fmean(v) * 1000 for k, v in cpu.items()}
+    n = len(times["bare"])
+    print(f"steps per setup: {n} (blocks of {args.block}, {args.rounds - 1} rounds after warm-up), "
+          f"K={args.num_proto} D={args.dim}, threads={args.threads}, sink={'wandb offline' if args.wandb else 'none'}")
+    for k in ("bare", "attached"):
+        print(f"{k:9s} wall: median {med[k]:7.2f} ms  mean {mean[k]:7.2f} ms   "
+              f"thread CPU: median {cmed[k]:7.2f} ms  mean {cmean[k]:7.2f} ms")
+    print(f"ratio attached/bare  wall: median {med['attached'] / med['bare']:.3f}  mean {mean['attached'] / mean['bare']:.3f}"
+          f"   thread CPU: median {cmed['attached'] / cmed['bare']:.3f}  mean {cmean['attached'] / cmean['bare']:.3f}"
+          f"   (target median <= 1.05)")
+    if perf.monitor_ms:
+        print(f"hub-measured monitor time per step (perf/monitor_ms): median {statistics.median(perf.monitor_ms):.2f} ms"
+              f"  mean {statistics.fmean(perf.monitor_ms):.2f} ms")
+    print("(means include the monitors' log-interval work: flush, images every 100 steps; background "
+          "processes (W&B, t-SNE worker) are outside the thread CPU time)")
+    print(f"findings: {sorted({f.code for f in watched.hub.findings}) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""PrototypeMonitorCallback on a tiny SwAV-style LightningModule (CPU): the same faults as the
+plain loop, and the callback's state round-trips through a Lightning checkpoint."""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+L = pytest.importorskip("lightning.pytorch")
+
+from monitors import Monitor  # noqa: E402
+from monitors.integrations.lightning import PrototypeMonitorCallback  # noqa: E402
+
+K, D, IN, B = 16, 8, 12, 32
+
+
+class RecSink:
+    def __init__(self) -> None:
+        self.rows: list = []
+        self.summary: dict = {}
+
+    def log_rows(self, rows): self.rows.extend(rows)
+    def set_summary(self, values): self.summary.update(values)
+    def alert(self, finding): pass
+    def close(self): pass
+
+
+class Recorder(Monitor):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.events: list[tuple[str, int]] = []
+        self.embeddings: list = []
+
+    def on_train_start(self, ctx): self.events.append(("on_train_start", ctx.step))
+    def on_after_backward(self, ctx): self.events.append(("on_after_backward", ctx.step))
+    def on_before_optimizer_step(self, ctx): self.events.append(("on_before_optimizer_step", ctx.step))
+    def on_after_optimizer_step(self, ctx): self.events.append(("on_after_optimizer_step", ctx.step))
+    def on_step_end(self, ctx): self.events.append(("on_step_end", ctx.step))
+    def on_save_checkpoint(self, ctx): self.events.append(("on_save_checkpoint", ctx.step))
+    def on_load_checkpoint(self, ctx): self.events.append(("on_load_checkpoint", ctx.step))
+    def on_train_end(self, ctx): self.events.append(("on_train_end", ctx.step))
+
+    def on_embeddings(self, ctx):
+        self.events.append(("on_embeddings", ctx.step))
+        self.embeddings.append((tuple(ctx.embeddings.shape), list(ctx.labels)))
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    q = torch.exp(scores - scores.max()).T
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True) * k
+        q /= q.sum(dim=0, keepdim=True) * b
+    return (q * b).T
+
+
+class SwAVLike(L.LightningModule):
+    """A backbone, an nn.Linear prototype layer, swapped-assignment-style targets."""
+
+    def __init__(self, proto_in_optimizer: bool = True, identical: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(IN, 32), nn.GELU(), nn.Linear(32, D))
+        self.prototypes = nn.Linear(D, K, bias=False)
+        self.proto_in_optimizer = proto_in_optimizer
+        self.identical = identical
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.identical:
+            x = torch.ones_like(x)
+        noise = 0.0 if self.identical else 0.1 * torch.randn_like(x)
+        z = F.normalize(self.backbone(x + noise), dim=-1)                 # (B, D)
+        p = torch.softmax(self.prototypes(z) / 0.1, dim=-1)               # (B, K)
+        with torch.no_grad():
+            q = sinkhorn(self.prototypes(F.normalize(self.backbone(x), dim=-1)) / 0.05)
+        loss = -(q * torch.log(p + 1e-8)).sum(1).mean()
+        return {"loss": loss, "student_probs": p.detach(), "teacher_targets": q, "projections": z.detach(),
+                "labels": y, "entropy": -(p * torch.log(p + 1e-8)).sum(1).mean().detach()}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return {"projections": F.normalize(self.backbone(x), dim=-1), "labels": y}
+
+    def configure_optimizers(self):
+        params = self.parameters() if self.proto_in_optimizer else self.backbone.parameters()
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def loader(n: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(8, IN, generator=g) * 2
+    y = torch.randint(8, (n,), generator=g)
+    x = means[y] + torch.randn(n, IN, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B)
+
+
+def fit(model, callbacks, max_steps: int = 30, ckpt_path=None, val: bool = False, root=None, **kw: Any):
+    kw.setdefault("enable_checkpointing", False)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=2 if val else 0, default_root_dir=root, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's hints about workers and logging
+        trainer.fit(model, loader(), loader(64, seed=1) if val else None, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def callback(**kw: Any) -> PrototypeMonitorCallback:
+    kw.setdefault("tsne", {"background": False})
+    return PrototypeMonitorCallback("prototypes", run=False, sinks=[RecSink()], console=False, log_every=5, **kw)
+
+
+def bad_codes(cb) -> set[str]:
+    return {f.code for f in cb.findings if f.severity in ("warning", "error")}
+
+
+def test_healthy_module_raises_nothing_and_events_are_in_order(tmp_path):
+    rec = Recorder()
+    cb = callback(monitors=["default", rec])
+    fit(SwAVLike(), [cb], max_steps=12, val=True, val_check_interval=6, root=tmp_path)
+    assert bad_codes(cb) == set(), [str(f) for f in cb.findings]
+    assert cb.hub.ctx.prototypes is cb.hub.ctx.model.prototypes.weight
+    step = ["on_after_backward", "on_before_optimizer_step", "on_after_optimizer_step", "on_step_end"]
+    events = [e for e in rec.events if e[0] != "on_embeddings"]
+    assert events == [("on_train_start", 0)] + [(e, s) for s in range(12) for e in step] + [("on_train_end", 12)]
+    # validation outputs -> on_embeddings after each validation epoch
+    assert [e for e in rec.events if e[0] == "on_embeddings"] == [("on_embeddings", 6)]
+    assert rec.embeddings[0][0] == (2 * B, D) and len(rec.embeddings[0][1]) == 2 * B
+    keys = {k for _, r in cb.hub.sinks[0].rows for k in r}
+    assert {"proto/norm/mean", "proto/usage/entropy_teacher", "proto/grad/norm"} <= keys
+
+
+def test_prototypes_not_in_optimizer():
+    cb = callback()
+    fit(SwAVLike(proto_in_optimizer=False), [cb])
+    assert {"PROTO_NOT_IN_OPTIMIZER", "PROTO_NOT_UPDATING"} <= bad_codes(cb)
+
+
+def test_collapse():
+    cb = callback()
+    fit(SwAVLike(identical=True), [cb], max_steps=15)
+    assert "PROTO_COLLAPSE" in bad_codes(cb)
+
+
+def test_gradient_accumulation_one_event_per_optimizer_step():
+    rec = Recorder()
+    cb = callback(monitors=[rec])
+    fit(SwAVLike(), [cb], max_steps=3, accumulate_grad_batches=2)
+    names = [e for e, _ in rec.events]
+    assert names.count("on_after_backward") == 3 and names.count("on_step_end") == 3
+    assert [s for e, s in rec.events if e == "on_step_end"] == [0, 1, 2]
+
+
+def test_state_round_trips_through_a_lightning_checkpoint(tmp_path):
+    cb = callback(monitors=["health", "usage", "deltas"])
+    trainer = fit(SwAVLike(), [cb], max_steps=10, root=tmp_path)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)  # after fit: the closed hub still answers state_dict()
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt["callbacks"][cb.state_key]
+    assert state["step"] == 10 and state["monitors"]["usage"]["steps_seen"] == 10
+    rec = Recorder()
+    cb2 = callback(monitors=["health", "usage", "deltas", rec])
+    fit(SwAVLike(), [cb2], max_steps=15, ckpt_path=str(path), root=tmp_path)
+    assert cb2.hub.get("usage").steps_seen == 15  # the counter continued
+    assert rec.events[:2] == [("on_load_checkpoint", 10), ("on_train_start", 10)]
+    assert [s for e, s in rec.events if e == "on_step_end"] == list(range(10, 15))
+    assert bad_codes(cb2) == set(), [str(f) for f in cb2.findings]  # prototypes restored from the ckpt
+
+
+class FreeProtos(SwAVLike):
+    """SDPN's checkpoint bug: the prototypes are a bare tensor attribute, trained but not in the
+    module's state_dict, so Lightning's checkpoints do not hold them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free = torch.empty(K, D).uniform_(-0.3, 0.3).requires_grad_(True)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        z = F.normalize(self.backbone(x + 0.1 * torch.randn_like(x)), dim=-1)
+        p = torch.softmax(z @ F.normalize(self.free, dim=-1).T / 0.1, dim=-1)
+        with torch.no_grad():
+            q = sinkhorn(F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.free, dim=-1).T / 0.05)
+        return -(q * torch.log(p + 1e-8)).sum(1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.backbone.parameters()}, {"params": [self.free]}], lr=0.1)
+
+
+def test_checkpoint_without_prototypes_is_reported(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    rec = Recorder()
+    cb = PrototypeMonitorCallback("free", monitors=["health", rec], run=False, console=False)
+    fit(FreeProtos(), [cb, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3)], max_steps=6,
+        enable_checkpointing=True)
+    assert bad_codes(cb) == {"PROTO_NOT_IN_CHECKPOINT"}, [str(f) for f in cb.findings]
+    assert ("on_save_checkpoint", 3) in rec.events
+    # the same check on a file, after the run
+    ckpt = next(tmp_path.glob("*.ckpt"))
+    assert [f.code for f in cb.hub.check_checkpoint(str(ckpt))] == ["PROTO_NOT_IN_CHECKPOINT"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown option 'log_evry'"):
+        PrototypeMonitorCallback("prototypes", log_evry=3)
+    with pytest.raises(TypeError, match="attribute path"):
+        PrototypeMonitorCallback(torch.randn(K, D))
