@@ -1,0 +1,101 @@
+"""Cosine similarity between prototypes: are they spread out, or collapsing onto each other?"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import Metrics, Monitor
+from .events import RunContext
+from .media import Histogram
+
+
+def _positive_int(owner: str, name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class SimilarityMonitor(Monitor):
+    """Off-diagonal statistics of the (K, K) cosine similarity matrix, every ``every_n_steps``.
+
+    ``proto/similarity/max``, ``/mean``, ``/mean_abs`` (over the K(K-1) off-diagonal entries),
+    ``/nn_mean`` (mean over prototypes of the cosine to their nearest other prototype),
+    ``/duplicates`` (prototypes with another one at cosine > ``dup_threshold``),
+    ``/min_distance`` (smallest Euclidean distance between two normalised prototypes), and
+    ``proto/similarity/hist`` (at most ``hist_pairs`` fixed off-diagonal pairs) every
+    ``hist_every`` steps. For K > ``max_proto`` the statistics are those of a fixed random
+    subset of ``max_proto`` prototypes (O(max_proto^2) memory and time).
+    """
+
+    name = "similarity"
+
+    def __init__(self, every_n_steps: int = 10, hist_every: int = 50, max_proto: int = 2048,
+                 dup_threshold: float = 0.99, hist_pairs: int = 4096, seed: int = 0) -> None:
+        super().__init__(every_n_steps)
+        owner = type(self).__name__
+        self.hist_every = _positive_int(owner, "hist_every", hist_every)
+        self.max_proto = _positive_int(owner, "max_proto", max_proto)
+        self.hist_pairs = _positive_int(owner, "hist_pairs", hist_pairs)
+        if not isinstance(dup_threshold, (int, float)) or not -1.0 <= dup_threshold <= 1.0:
+            raise ValueError(f"{owner}: dup_threshold must be a cosine in [-1, 1], got {dup_threshold!r}")
+        self.dup_threshold = float(dup_threshold)
+        self.seed = int(seed)
+        self._last_hist: Optional[int] = None
+        self._subset: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._pairs: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def _rows(self, K: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Fixed random subset of max_proto row indices (same every call), or None for all."""
+        if K <= self.max_proto:
+            return None
+        key = (K, device)
+        if key not in self._subset:
+            idx = torch.randperm(K, generator=self._generator())[: self.max_proto].sort().values
+            self._subset[key] = idx.to(device)
+        return self._subset[key]
+
+    def _hist_pairs(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed (i, j) index pairs, i != j: all i < j when few enough, else a random sample."""
+        key = (k, device)
+        if key not in self._pairs:
+            if k * (k - 1) // 2 <= self.hist_pairs:
+                i, j = torch.triu_indices(k, k, offset=1)
+            else:
+                g = self._generator()
+                i = torch.randint(0, k, (self.hist_pairs,), generator=g)
+                j = (i + torch.randint(1, k, (self.hist_pairs,), generator=g)) % k
+            self._pairs[key] = (i.to(device), j.to(device))
+        return self._pairs[key]
+
+    def on_step_end(self, ctx: RunContext) -> Metrics:
+        P = ctx.prototypes.detach()
+        rows = self._rows(P.shape[0], P.device)
+        if rows is not None:
+            P = P.index_select(0, rows)
+        k = P.shape[0]
+        if k < 2:
+            return None
+        X = F.normalize(P.to(torch.float32), dim=1)                         # (k, D)
+        S = X @ X.T                                                          # (k, k)
+        diag = S.diagonal()
+        n_off = k * (k - 1)
+        out = {"proto/similarity/mean": (S.sum() - diag.sum()) / n_off}
+        if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
+            self._last_hist = ctx.step
+            i, j = self._hist_pairs(k, S.device)
+            out["proto/similarity/hist"] = Histogram(S[i, j])                # gather: a copy
+        diag.fill_(-2.0)                                  # below any cosine: excluded from max
+        nn = S.amax(dim=1)                                # (k,) cosine to nearest other prototype
+        s_max = nn.amax()
+        diag.zero_()
+        out["proto/similarity/mean_abs"] = S.abs_().sum() / n_off
+        out["proto/similarity/max"] = s_max
+        out["proto/similarity/nn_mean"] = nn.mean()
+        out["proto/similarity/duplicates"] = (nn > self.dup_threshold).sum().to(torch.float32)
+        out["proto/similarity/min_distance"] = (2.0 - 2.0 * s_max).clamp_min(0.0).sqrt()
+        return out
