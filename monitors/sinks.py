@@ -65,6 +65,10 @@ class WandbSink:
         """The run's local directory (…/wandb/offline-run-…), which holds the .wandb log."""
         return str(Path(self.run.dir).parent)
 
+    def watch(self, model: Any, log: str = "gradients", log_freq: int = 100) -> None:
+        """W&B's own parameter/gradient hooks (``wandb.watch``), e.g. to compare their cost."""
+        self.run.watch(model, log=log, log_freq=log_freq)
+
     def log_rows(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
         import wandb
 

@@ -81,6 +81,8 @@ class Config:
     wandb_project: str = "protowatch"
     wandb_group: str = ""
     wandb_name: str = ""
+    wandb_watch: str = ""            # also run wandb.watch(model, log=...): gradients | parameters | all
+    wandb_watch_freq: int = 100
     monitors: Any = "default"        # "default", "none", a list of names, or {name: {option: value}}
     stop_on_error: bool = False      # stop cleanly (checkpoint first) at an error finding
     # -- reproductions of the original SDPN bugs (experiments/bugs/) --------------------------
@@ -103,6 +105,8 @@ class Config:
             raise ConfigError(f"max_frames must be >= 4, got {self.max_frames}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if self.wandb_watch not in ("", "gradients", "parameters", "all"):
+            raise ConfigError(f"wandb_watch must be '', gradients, parameters or all, got {self.wandb_watch!r}")
         if self.snr_min > self.snr_max:
             raise ConfigError(f"snr_min ({self.snr_min}) must be <= snr_max ({self.snr_max})")
         return self

@@ -209,6 +209,8 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                                    resume=state is not None, name=cfg.wandb_name or None,
                                    group=cfg.wandb_group or None)
             sinks.append(wandb_sink)
+            if cfg.wandb_watch:  # W&B's own gradient/parameter hooks, for comparison
+                wandb_sink.watch(student, log=cfg.wandb_watch, log_freq=cfg.wandb_watch_freq)
         sinks.append(LocalSink(exp_dir / "records"))
     hub = MonitorHub(build_monitors(cfg.monitors) + list(extra_monitors or []), sinks=sinks,
                      log_every=cfg.log_every, stop_on_error=cfg.stop_on_error)
@@ -290,6 +292,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
     hub.emit("on_train_start", ctx)
     step = start_step
     stopped_by = None
+    last_t0: Optional[float] = None
     with _StopSignal() as stop:
         while step < total_steps:
             epoch = step // per_epoch
@@ -299,6 +302,9 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                 if step >= total_steps or stop.signum is not None or hub.should_stop:
                     break
                 t0 = time.perf_counter()
+                if last_t0 is not None:  # the whole previous step: data, compute, monitors, logging
+                    hub.log({"perf/step_ms": 1000.0 * (t0 - last_t0)}, step=step)
+                last_t0 = t0
                 ctx.step, ctx.epoch = step, epoch
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
                 with _torch_threads(1):  # small per-crop ops: more threads only oversubscribe
@@ -346,8 +352,8 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                 )
                 hub.log({"train/loss": ctx.outputs.loss,
                          **{f"train/{k}": v for k, v in ctx.outputs.terms.items()},
-                         "train/lr": lr, "train/wd": wd, "train/momentum": m, "train/epoch": epoch,
-                         "perf/step_ms": 1000.0 * (time.perf_counter() - t0)}, step=step)
+                         "train/lr": lr, "train/wd": wd, "train/momentum": m, "train/epoch": epoch},
+                        step=step)
                 hub.emit("on_step_end", ctx)
                 ctx.outputs = None
                 step += 1
