@@ -46,8 +46,9 @@ class SimilarityMonitor(Monitor):
         self._subset: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._pairs: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # made on the device: indices drawn there need no host-to-device copy (a sync on CUDA)
+        return torch.Generator(device=device).manual_seed(self.seed)
 
     def _rows(self, K: int, device: torch.device) -> Optional[torch.Tensor]:
         """Fixed random subset of max_proto row indices (same every call), or None for all."""
@@ -55,8 +56,8 @@ class SimilarityMonitor(Monitor):
             return None
         key = (K, device)
         if key not in self._subset:
-            idx = torch.randperm(K, generator=self._generator())[: self.max_proto].sort().values
-            self._subset[key] = idx.to(device)
+            idx = torch.randperm(K, generator=self._generator(device), device=device)
+            self._subset[key] = idx[: self.max_proto].sort().values
         return self._subset[key]
 
     def _hist_pairs(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +65,12 @@ class SimilarityMonitor(Monitor):
         key = (k, device)
         if key not in self._pairs:
             if k * (k - 1) // 2 <= self.hist_pairs:
-                i, j = torch.triu_indices(k, k, offset=1)
+                i, j = torch.triu_indices(k, k, offset=1, device=device)
             else:
-                g = self._generator()
-                i = torch.randint(0, k, (self.hist_pairs,), generator=g)
-                j = (i + torch.randint(1, k, (self.hist_pairs,), generator=g)) % k
-            self._pairs[key] = (i.to(device), j.to(device))
+                g = self._generator(device)
+                i = torch.randint(0, k, (self.hist_pairs,), generator=g, device=device)
+                j = (i + torch.randint(1, k, (self.hist_pairs,), generator=g, device=device)) % k
+            self._pairs[key] = (i, j)
         return self._pairs[key]
 
     def on_step_end(self, ctx: RunContext) -> Metrics:

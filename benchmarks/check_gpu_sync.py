@@ -1,0 +1,78 @@
+"""Check on a GPU that the monitors make no host-device synchronisation between log intervals.
+
+Trains the default config on CUDA with every monitor's per-step hooks (on_after_backward,
+on_before_optimizer_step, on_after_optimizer_step, on_step_end) run under
+``torch.cuda.set_sync_debug_mode("error")``: any .item(), .cpu(), nonzero(), tensor truth test
+... inside them raises, and the hub then switches that monitor off and records MONITOR_FAILED.
+``on_log`` (the log interval) and the non-step events are allowed to read device values and are
+not wrapped. Prints the number of checked hook calls and exits 1 if any monitor synchronised.
+
+    python benchmarks/check_gpu_sync.py [--steps 60] [--every-step]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from monitors import hub as hub_module  # noqa: E402
+from monitors.events import STEP_EVENTS  # noqa: E402
+from monitors.registry import DEFAULT  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.train import train  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--every-step", action="store_true", help="run every monitor at every step")
+    p.add_argument("--exp-dir", default="/tmp/check_gpu_sync")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this check needs a GPU")
+        return 2
+
+    checked: collections.Counter[str] = collections.Counter()
+    seconds: collections.Counter[str] = collections.Counter()
+    original = hub_module.MonitorHub._call
+
+    def strict_call(self, monitor, hook, ctx):
+        if hook not in STEP_EVENTS:
+            return original(self, monitor, hook, ctx)
+        torch.cuda.set_sync_debug_mode("error")
+        t0 = time.perf_counter()
+        try:
+            return original(self, monitor, hook, ctx)
+        finally:
+            seconds[monitor.name] += time.perf_counter() - t0
+            torch.cuda.set_sync_debug_mode("default")
+            checked[monitor.name] += 1
+
+    hub_module.MonitorHub._call = strict_call
+    monitors = "{" + ", ".join(f"{n}: {{every_n_steps: 1}}" for n in DEFAULT if n != "tsne") + ", tsne: {}}" \
+        if args.every_step else "default"
+    cfg = load_config(ROOT / "experiments/sdpn_tiny.yaml", [
+        "device=cuda", f"max_steps={args.steps}", "epochs=1000", "wandb_mode=disabled", "progress=false",
+        f"exp_dir={args.exp_dir}", "eval_at_init=false", "threads=4", f"monitors={monitors}"])
+    res = train(cfg)
+    failed = [f for f in res["findings"] if "MONITOR_FAILED" in f]
+    print(f"device {torch.cuda.get_device_name()}; {res['step']} steps; log every {cfg.log_every} steps")
+    for name, n in sorted(checked.items()):
+        print(f"  {name:<11} {n:5d} per-step hook calls under sync_debug_mode=error, "
+              f"{1000 * seconds[name] / n:.3f} ms/call")
+    if failed:
+        print("SYNC FOUND:\n  " + "\n  ".join(failed))
+        return 1
+    print(f"no host-device synchronisation in {sum(checked.values())} per-step monitor hook calls")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
