@@ -1,0 +1,674 @@
+"""t-SNE frames of the prototypes among labelled speaker embeddings, computed in the background.
+
+Each frame places a fixed subset of prototypes (black ``x``) and up to ``max_points`` speaker
+embeddings of the same space (head outputs, coloured by speaker) in 2-D. A frame starts from the
+previous frame's layout and is aligned to it, so the sequence shows the prototypes move; the
+dashboard turns the frames saved under ``<exp_dir>/tsne/`` into an animated GIF (:func:`make_gif`).
+
+Training never waits for a frame: the t-SNE and the rendering run in a separate, niced,
+single-threaded Python process; hooks only check whether the frame in flight is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .base import Metrics, Monitor
+from .events import RunContext
+from .media import Image, Table
+
+#: sklearn's TSNE refuses fewer iterations (its early-exaggeration phase alone is 250)
+MIN_TSNE_ITER = 250
+#: fewer points than this make no t-SNE (perplexity needs a few neighbours)
+MIN_FRAME_POINTS = 4
+#: the first frame starts from PCA and needs sklearn's full schedule: 250 iterations of early
+#: exaggeration, then at least 250 without (250 alone leave a squashed, line-like layout)
+FIRST_FRAME_ITER = 500
+#: later frames start from the previous layout: early exaggeration would first contract that
+#: layout (measured: 40 -> 0.5 units wide within three frames), so it is switched off
+WARM_EXAGGERATION = 1.0
+TABLE_COLUMNS = ("x", "y", "kind", "label", "step")
+_HEADER = struct.Struct("!Q")  # length prefix of one pickled message on the worker's pipes
+
+
+def _positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class TSNEMonitor(Monitor):
+    """Prototypes and speaker embeddings in one t-SNE picture, one frame at a time.
+
+    Frames come from two sources:
+
+    - ``on_embeddings`` (``hub.log_embeddings`` or an evaluation pass): one frame per call with
+      up to ``max_points`` of ``ctx.embeddings`` (N, D) and their ``ctx.labels``. If the worker
+      is busy, the call waits in a one-slot queue (a newer call replaces it).
+    - training steps: ``on_step_end`` copies ``ctx.outputs.projections`` (B, D) and
+      ``ctx.outputs.labels`` (B,) into a device-side ring buffer of the latest ``max_points``
+      rows (no sync); ``on_log`` takes a frame once the step passes the next multiple of
+      ``every_n_steps``. If the worker is still busy then, the frame is skipped
+      (``proto/tsne_skipped``).
+
+    A finished frame is returned by the next ``on_step_end``/``on_log``/``close()`` as
+    ``proto/tsne`` (image, captioned with the step the frame was taken at), ``proto/tsne_table``
+    (x, y, kind, label, step per point), ``proto/tsne_step`` and ``perf/tsne_frame_s`` (worker
+    seconds). All frames stay in :attr:`frames`; with ``ctx.exp_dir`` set, each is also saved as
+    ``<exp_dir>/tsne/frame_<step:07d>.png`` plus one line of ``<exp_dir>/tsne/frames.jsonl``.
+
+    Args:
+        every_n_steps: steps between two training-time frames.
+        max_points: embeddings per frame (and size of the ring buffer).
+        max_prototypes: prototypes per frame: all if K is smaller, else a fixed random subset,
+            the same in every frame so that each prototype can be followed.
+        max_iter: t-SNE iterations per frame (sklearn's minimum, 250, is plenty from a warm
+            start; the first frame, from PCA, uses at least ``FIRST_FRAME_ITER`` = 500).
+        background: compute in a background process; False computes inline (tests, debugging).
+        seed: seed of the prototype subset, of the t-SNE and of the initial jitter.
+        collect_every_n_steps: the hub cadence of ``on_step_end`` (ring-buffer copies). It is
+            this monitor's :attr:`every_n_steps` as the hub sees it: the frame cadence
+            (``every_n_steps`` above) is :attr:`frame_every_n_steps`, because a ring buffer
+            filled only at frame steps would hold one batch, or batches of an older model.
+        close_timeout_s: how long :meth:`close` waits for the frame in flight.
+        worker_nice: niceness of the worker process. 19 (the default) gives it about 0.7 % of
+            two cores that training keeps busy (measured), so a frame may take a minute there
+            and later ones are skipped meanwhile; 10 gives it about 3 %, which costs a
+            CPU-bound training a few per cent of its speed.
+    """
+
+    name = "tsne"
+
+    def __init__(self, every_n_steps: int = 200, max_points: int = 400, max_prototypes: int = 256,
+                 max_iter: int = 250, background: bool = True, seed: int = 0,
+                 collect_every_n_steps: int = 1, close_timeout_s: float = 60.0,
+                 worker_nice: int = 19) -> None:
+        super().__init__(collect_every_n_steps)
+        owner = type(self).__name__
+        self.frame_every_n_steps = _positive_int(owner, "every_n_steps", every_n_steps)
+        self.max_points = _positive_int(owner, "max_points", max_points)
+        self.max_prototypes = _positive_int(owner, "max_prototypes", max_prototypes)
+        self.max_iter = _positive_int(owner, "max_iter", max_iter, MIN_TSNE_ITER)
+        if not isinstance(close_timeout_s, (int, float)) or close_timeout_s < 0:
+            raise ValueError(f"{owner}: close_timeout_s must be a number of seconds >= 0, got {close_timeout_s!r}")
+        self.close_timeout_s = float(close_timeout_s)
+        if not isinstance(worker_nice, int) or isinstance(worker_nice, bool) or not 0 <= worker_nice <= 19:
+            raise ValueError(f"{owner}: worker_nice must be an integer in 0..19, got {worker_nice!r}")
+        self.worker_nice = worker_nice
+        self.background = bool(background)
+        self.seed = int(seed)
+        #: every finished frame: {"step", "coords" (n, 2), "labels", "kinds", "source"}
+        self.frames: list[dict[str, Any]] = []
+        # resumable state
+        self._proto_idx: Optional[np.ndarray] = None       # (m,) rows of the prototypes tracked
+        self._prev_protos: Optional[np.ndarray] = None     # (m, 2) their last layout
+        self._prev_speakers: dict[str, list[float]] = {}   # speaker -> 2-D centroid in the last frame
+        self._frames_started = 0
+        self._next_frame_step = 0
+        self._skipped = 0
+        # ring buffer of labelled projections, on the training device
+        self._buf: Optional[torch.Tensor] = None      # (max_points, D)
+        self._buf_labels: Optional[torch.Tensor] = None  # (max_points,) int64
+        self._ptr = 0
+        self._filled = 0
+        # background work
+        self._worker: Optional[_BackgroundWorker] = None
+        self._future: Optional[Future] = None
+        self._pending: Optional[dict[str, Any]] = None  # an on_embeddings job waiting for the worker
+        self._png_names: set[str] = set()
+        self._colours: dict[str, int] = {}  # speaker -> colour index, kept across frames
+
+    # -- hooks ------------------------------------------------------------------------------
+    def on_step_end(self, ctx: RunContext) -> Metrics:
+        out = ctx.outputs
+        if out is not None and out.projections is not None and out.labels is not None and ctx.is_main_process:
+            self._collect(ctx, out.projections, out.labels)
+        return self._poll()
+
+    def on_log(self, ctx: RunContext) -> Metrics:
+        metrics = dict(self._poll() or {})
+        if ctx.step >= self._next_frame_step and ctx.is_main_process:
+            self._next_frame_step = (ctx.step // self.frame_every_n_steps + 1) * self.frame_every_n_steps
+            if self._busy():
+                self._skipped += 1
+                metrics["proto/tsne_skipped"] = self._skipped
+            else:
+                job = self._job(ctx, *self._ring_snapshot(), source="steps")
+                if job is not None:
+                    metrics.update(self._start(job) or {})
+        return metrics or None
+
+    def on_embeddings(self, ctx: RunContext) -> Metrics:
+        metrics = dict(self._poll() or {})
+        if not ctx.is_main_process or ctx.embeddings is None:
+            return metrics or None
+        E = ctx.embeddings.detach()
+        D = ctx.prototypes.shape[-1]
+        if E.dim() != 2 or E.shape[1] != D:
+            raise ValueError(
+                f"tsne: embeddings of shape {tuple(E.shape)} do not live in the prototypes' space "
+                f"(D={D}); pass the head outputs (projections), not the backbone embeddings")
+        n = E.shape[0]
+        labels = ctx.labels
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().tolist()
+        labels = ["?"] * n if labels is None else [str(x) for x in labels]
+        if len(labels) != n:
+            raise ValueError(f"tsne: {n} embeddings but {len(labels)} labels")
+        if n > self.max_points:
+            g = torch.Generator().manual_seed(self.seed + 7919 * (self._frames_started + 1))
+            keep = torch.randperm(n, generator=g)[: self.max_points].sort().values
+            E = E.index_select(0, keep.to(E.device))
+            labels = [labels[i] for i in keep.tolist()]
+        job = self._job(ctx, E.float().cpu().numpy(), labels, source="embeddings")
+        if job is None:
+            return metrics or None
+        if self._busy():
+            if self._pending is not None:
+                self._skipped += 1  # replaced by the newer call
+            self._pending = job
+            return metrics or None
+        metrics.update(self._start(job) or {})
+        return metrics or None
+
+    def close(self) -> Metrics:
+        """Wait (at most ``close_timeout_s``) for the frame in flight and a queued one, return the
+        last finished frame's metrics, and stop the worker."""
+        metrics: dict[str, Any] = {}
+        deadline = time.monotonic() + self.close_timeout_s
+        try:
+            while self._future is not None:
+                try:
+                    self._future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except FutureTimeout:
+                    break  # give up on it; the worker is killed below
+                except Exception:
+                    pass  # raised by _poll below
+                metrics.update(self._poll() or {})  # also submits a queued job
+        finally:
+            self._future = None
+            self._pending = None
+            if self._worker is not None:
+                self._worker.shutdown()
+                self._worker = None
+        return metrics or None
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "proto_idx": None if self._proto_idx is None else torch.from_numpy(self._proto_idx.copy()),
+            "prev_protos": None if self._prev_protos is None else torch.from_numpy(self._prev_protos.astype(np.float32)),
+            "prev_speakers": {k: list(v) for k, v in self._prev_speakers.items()},
+            "frames_started": self._frames_started,
+            "next_frame_step": self._next_frame_step,
+            "skipped": self._skipped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        idx, prev = state.get("proto_idx"), state.get("prev_protos")
+        self._proto_idx = None if idx is None else np.asarray(idx, dtype=np.int64)
+        self._prev_protos = None if prev is None else np.asarray(prev, dtype=np.float64)
+        self._prev_speakers = {str(k): [float(a) for a in v] for k, v in state.get("prev_speakers", {}).items()}
+        self._frames_started = int(state.get("frames_started", 0))
+        self._next_frame_step = int(state.get("next_frame_step", 0))
+        self._skipped = int(state.get("skipped", 0))
+
+    # -- internals --------------------------------------------------------------------------
+    def _collect(self, ctx: RunContext, proj: torch.Tensor, labels: torch.Tensor) -> None:
+        """Copy the batch into the ring buffer of the latest max_points rows (device side, no sync)."""
+        proj, labels = proj.detach(), labels.detach()
+        D = ctx.prototypes.shape[-1]
+        if proj.dim() != 2 or proj.shape[1] != D or labels.shape[:1] != proj.shape[:1]:
+            raise ValueError(
+                f"tsne: outputs.projections {tuple(proj.shape)} / labels {tuple(labels.shape)} must be "
+                f"(B, {D}) / (B,): the head outputs in the prototypes' space and one speaker per row")
+        M = self.max_points
+        if self._buf is None or self._buf.shape[1] != D or self._buf.device != proj.device:
+            self._buf = torch.zeros((M, D), dtype=torch.float32, device=proj.device)
+            self._buf_labels = torch.zeros((M,), dtype=torch.int64, device=proj.device)
+            self._ptr = self._filled = 0
+        B = proj.shape[0]
+        if B >= M:
+            self._buf.copy_(proj[B - M:])
+            self._buf_labels.copy_(labels[B - M:])
+            self._ptr, self._filled = 0, M
+            return
+        first = min(B, M - self._ptr)
+        self._buf[self._ptr:self._ptr + first].copy_(proj[:first])
+        self._buf_labels[self._ptr:self._ptr + first].copy_(labels[:first])
+        if B > first:  # wrap around
+            self._buf[:B - first].copy_(proj[first:])
+            self._buf_labels[:B - first].copy_(labels[first:])
+        self._ptr = (self._ptr + B) % M
+        self._filled = min(M, self._filled + B)
+
+    def _ring_snapshot(self) -> tuple[np.ndarray, list[str]]:
+        """The buffered projections and labels on the host (on_log only: this syncs)."""
+        if self._buf is None or self._filled == 0:
+            return np.zeros((0, 0), dtype=np.float32), []
+        n = self._filled
+        E = self._buf[:n].cpu().numpy().copy()
+        labels = [str(x) for x in self._buf_labels[:n].cpu().tolist()]
+        return E, labels
+
+    def _job(self, ctx: RunContext, E: np.ndarray, labels: list[str], source: str) -> Optional[dict[str, Any]]:
+        """Everything the worker needs for one frame, as host values (this syncs)."""
+        P = ctx.prototypes.detach()
+        if P.dim() != 2:
+            raise ValueError(f"tsne: prototypes must be a (K, D) tensor, got shape {tuple(P.shape)}")
+        K = P.shape[0]
+        if self._proto_idx is None or (self._proto_idx.size and self._proto_idx.max() >= K):
+            self._proto_idx = _subset(K, self.max_prototypes, self.seed)
+            self._prev_protos = None
+        idx = self._proto_idx
+        protos = P.index_select(0, torch.from_numpy(idx).to(P.device)).float().cpu().numpy()
+        if E.size == 0:
+            E = np.zeros((0, P.shape[1]), dtype=np.float32)
+        if len(idx) + len(E) < MIN_FRAME_POINTS:
+            return None
+        prev = self._prev_protos if self._prev_protos is not None and len(self._prev_protos) == len(idx) else None
+        png_path = tsne_dir = None
+        if ctx.exp_dir:
+            tsne_dir = os.path.join(ctx.exp_dir, "tsne")
+            png_path = os.path.join(tsne_dir, self._png_name(int(ctx.step)))
+        job = {
+            "step": int(ctx.step), "frame": self._frames_started, "source": source,
+            "protos": protos, "proto_ids": idx.tolist(), "points": np.ascontiguousarray(E, dtype=np.float32),
+            "labels": list(labels), "prev_protos": prev,
+            "prev_speakers": dict(self._prev_speakers) if prev is not None else {},
+            "max_iter": self.max_iter, "seed": self.seed, "png_path": png_path, "tsne_dir": tsne_dir,
+            "colours": self._colour_ids(labels),
+        }
+        return job
+
+    def _colour_ids(self, labels: Sequence[str]) -> dict[str, int]:
+        """A colour index per speaker, first come first served, so that a speaker keeps its colour
+        across frames and the first speakers get distinct colours."""
+        if len(self._colours) > 10_000:  # many training speakers: start over rather than grow
+            self._colours.clear()
+        for lab in dict.fromkeys(labels):
+            self._colours.setdefault(lab, len(self._colours))
+        return {lab: self._colours[lab] for lab in dict.fromkeys(labels)}
+
+    def _png_name(self, step: int) -> str:
+        name, k = f"frame_{step:07d}.png", 1
+        while name in self._png_names:  # two frames at one step (an eval and a training frame)
+            name, k = f"frame_{step:07d}_{k}.png", k + 1
+        self._png_names.add(name)
+        return name
+
+    def _busy(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def _start(self, job: dict[str, Any]) -> Metrics:
+        """Hand the job to the worker (background) or compute it now (inline)."""
+        self._frames_started += 1
+        if not self.background:
+            return self._accept(_compute_frame(job))
+        if self._worker is None:
+            self._worker = _BackgroundWorker(nice=self.worker_nice)
+        self._future = self._worker.submit(job)
+        return None
+
+    def _poll(self) -> Metrics:
+        """Collect a finished frame without waiting (``Future.done()`` is a plain Python call)."""
+        if self._future is None or not self._future.done():
+            return None
+        fut, self._future = self._future, None
+        try:
+            return self._accept(fut.result())  # re-raises what failed in the worker
+        finally:
+            if self._pending is not None:  # a queued on_embeddings frame starts from this layout
+                job, self._pending = self._pending, None
+                prev = self._prev_protos
+                ok = prev is not None and len(prev) == len(job["proto_ids"])
+                job["prev_protos"] = prev if ok else None
+                job["prev_speakers"] = dict(self._prev_speakers) if ok else {}
+                self._start(job)
+
+    def _accept(self, res: dict[str, Any]) -> dict[str, Any]:
+        """Keep a finished frame as the layout the next one starts from, record it, report it."""
+        coords, kinds, labels, step = res["coords"], res["kinds"], res["labels"], res["step"]
+        is_proto = np.array([k == "prototype" for k in kinds])
+        self._prev_protos = coords[is_proto].astype(np.float64)
+        speakers: dict[str, list[float]] = {}
+        emb_labels = [lab for lab, k in zip(labels, kinds) if k != "prototype"]
+        if emb_labels:
+            emb = coords[~is_proto]
+            lab_arr = np.array(emb_labels, dtype=object)
+            for lab in dict.fromkeys(emb_labels):
+                speakers[lab] = emb[lab_arr == lab].mean(axis=0).tolist()
+        self._prev_speakers = speakers
+        frame = {"step": step, "coords": coords, "labels": labels, "kinds": kinds, "source": res["source"]}
+        self.frames.append(frame)
+        if res.get("tsne_dir"):
+            os.makedirs(res["tsne_dir"], exist_ok=True)
+            with open(os.path.join(res["tsne_dir"], "frames.jsonl"), "a") as f:
+                f.write(json.dumps({
+                    "step": step, "source": res["source"],
+                    "png": os.path.basename(res["png_path"]) if res.get("png_path") else None,
+                    "coords": np.round(coords, 4).tolist(), "labels": labels, "kinds": kinds,
+                }) + "\n")
+        rows = [[float(x), float(y), k, lab, step] for (x, y), k, lab in zip(coords, kinds, labels)]
+        return {
+            "proto/tsne": Image(res["image"], caption=f"step {step}"),
+            "proto/tsne_table": Table(columns=list(TABLE_COLUMNS), rows=rows),
+            "proto/tsne_step": step,
+            "proto/tsne_skipped": self._skipped,
+            "perf/tsne_frame_s": res["seconds"],
+        }
+
+
+def _subset(K: int, m: int, seed: int) -> np.ndarray:
+    """All rows if K <= m, else a fixed random subset of m rows (sorted)."""
+    if K <= m:
+        return np.arange(K, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(K, size=m, replace=False)).astype(np.int64)
+
+
+# -- the frame itself (runs in the worker) ---------------------------------------------------
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def align(Y: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Move the layout ``Y`` rigidly (shift, then rotation or reflection: orthogonal Procrustes)
+    so that its rows ``src`` best match ``dst``. No scaling: a least-squares scale shrinks the
+    picture whenever the two layouts differ, and t-SNE keeps its own scale from a warm start."""
+    from scipy.linalg import orthogonal_procrustes
+
+    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
+    R, _ = orthogonal_procrustes(src - mu_s, dst - mu_d)  # (2, 2)
+    return (Y - mu_s) @ R + mu_d
+
+
+def _initial_layout(P: np.ndarray, E: np.ndarray, labels: Sequence[str], prev: Optional[np.ndarray],
+                    prev_speakers: Mapping[str, Sequence[float]], rng: np.random.Generator) -> Any:
+    """Warm start: prototypes at their previous positions; each embedding at its speaker's
+    previous centroid, else at the previous position of its nearest prototype, plus jitter."""
+    if prev is None:
+        return "pca"
+    spread = float(prev.std()) or 1.0
+    init = np.empty((len(P) + len(E), 2))
+    init[: len(P)] = prev
+    if len(E):
+        nearest = np.argmax(E @ P.T, axis=1)  # cosine on unit vectors
+        for i, lab in enumerate(labels):
+            init[len(P) + i] = prev_speakers[lab] if lab in prev_speakers else prev[nearest[i]]
+        init[len(P):] += 0.05 * spread * rng.standard_normal((len(E), 2))
+    # t-SNE dislikes exactly coincident starting points: a tiny jitter everywhere
+    init += 1e-4 * spread * rng.standard_normal(init.shape)
+    return init
+
+
+def _single_thread() -> Any:
+    """Limit BLAS/OpenMP to one thread for the t-SNE. On a busy machine sklearn's OpenMP
+    Barnes-Hut with 2 threads took 9 s where one thread took 1.5 s (656 points)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # sklearn depends on threadpoolctl; this is only a fallback
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
+def _compute_frame(job: Mapping[str, Any]) -> dict[str, Any]:
+    """t-SNE of prototypes + embeddings, aligned to the previous layout, rendered to RGBA."""
+    # sklearn's TSNE: the reference implementation (Barnes-Hut, PCA init, array init for warm
+    # starts), well maintained and already a dependency; a hand-written t-SNE would be slower
+    # and a liability to keep correct.
+    from sklearn.manifold import TSNE
+
+    t0 = time.perf_counter()
+    P = _l2n(np.asarray(job["protos"], dtype=np.float64))   # (m, D) unit vectors
+    E = np.asarray(job["points"], dtype=np.float64)
+    E = _l2n(E) if len(E) else np.zeros((0, P.shape[1]))   # (n, D)
+    labels = list(job["labels"])
+    m, n = len(P), len(E)
+    X = np.vstack([P, E])                                    # (m + n, D)
+    rng = np.random.default_rng(job["seed"] + 7919 * job["frame"])
+    prev = job["prev_protos"]
+    init = _initial_layout(P, E, labels, prev, job["prev_speakers"], rng)
+    max_iter = int(job["max_iter"]) if prev is not None else max(int(job["max_iter"]), FIRST_FRAME_ITER)
+    exaggeration = 12.0 if prev is None else WARM_EXAGGERATION
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (m + n - 1) / 3.0), init=init, max_iter=max_iter,
+                early_exaggeration=exaggeration, learning_rate="auto", random_state=job["seed"])
+    with _single_thread():
+        Y = tsne.fit_transform(X)                            # (m + n, 2)
+    if prev is not None:
+        Y = align(Y, Y[:m], prev)
+    kinds = ["prototype"] * m + ["embedding"] * n
+    all_labels = [f"p{i}" for i in job["proto_ids"]] + labels
+    image = _render(Y, m, labels, job["step"], job["source"], job.get("colours") or {})
+    if job.get("png_path"):
+        import matplotlib.image as mpimg
+
+        os.makedirs(os.path.dirname(job["png_path"]), exist_ok=True)
+        mpimg.imsave(job["png_path"], image)
+    return {"step": job["step"], "source": job["source"], "coords": Y, "labels": all_labels,
+            "kinds": kinds, "image": image, "seconds": time.perf_counter() - t0,
+            "png_path": job.get("png_path"), "tsne_dir": job.get("tsne_dir")}
+
+
+def _render(Y: np.ndarray, m: int, labels: Sequence[str], step: int, source: str,
+            colours: Mapping[str, int]) -> np.ndarray:
+    """Speakers as coloured dots (legend when few), prototypes as black x; (H, W, 4) uint8."""
+    # Figure + Agg canvas directly: no pyplot, so no global backend or figure registry is touched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 6.4), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    speakers = sorted(dict.fromkeys(labels), key=_label_key)
+    if speakers:
+        import matplotlib
+
+        # tab10 while the run has seen at most 10 speakers, then tab20 (colours repeat after 20)
+        cmap = matplotlib.colormaps["tab10" if max(colours.values(), default=0) < 10 else "tab20"]
+        lab_arr = np.array(labels, dtype=object)
+        E = Y[m:]
+        for i, s in enumerate(speakers):
+            sel = lab_arr == s
+            ax.scatter(E[sel, 0], E[sel, 1], s=10, color=cmap(colours.get(s, i) % cmap.N), alpha=0.75,
+                       linewidths=0, label=s if len(speakers) <= 12 else None)
+    ax.scatter(Y[:m, 0], Y[:m, 1], marker="x", s=22, c="black", linewidths=0.9,
+               label=f"prototypes ({m})", zorder=3)
+    ax.set_title(f"prototypes vs speaker embeddings, step {step}"
+                 + (" (eval)" if source == "embeddings" else ""), fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+    if len(speakers) <= 12:
+        ax.legend(loc="best", fontsize=7, markerscale=1.5, framealpha=0.7)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def _label_key(label: str) -> tuple:
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+# -- the background process -----------------------------------------------------------------
+#: run the worker under Linux SCHED_IDLE as well: it then only gets otherwise idle CPU time, so
+#: training loses nothing, but a machine that training saturates starves the frames completely
+#: (measured: 0.05 s of CPU per 20 s on two busy cores), so it is off
+WORKER_IDLE = False
+
+
+def _child_prelude(nice: int, idle: bool) -> str:
+    """First lines of the worker, run before its heavy imports (torch, sklearn)."""
+    lines = ["import os, sys", "try:", f"    os.nice({int(nice)})", "except OSError:", "    pass"]
+    if idle:
+        lines += ["try:", "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))",
+                  "except (AttributeError, OSError):", "    pass"]
+    return "\n".join(lines) + "\n"
+
+
+class _BackgroundWorker:
+    """One long-lived, niced, single-threaded Python process computing frames; results arrive as
+    :class:`concurrent.futures.Future` objects.
+
+    Why not ``multiprocessing``/``ProcessPoolExecutor``: fork is unsafe in a process running torch
+    threads, and ``spawn``/``forkserver`` re-import the user's ``__main__`` script in the child,
+    which re-runs a training script that lacks an ``if __name__ == "__main__":`` guard (common
+    in the loops ``attach()`` is made for). A fresh interpreter that imports only this module
+    has neither problem. Messages are length-prefixed pickles over the child's stdin/stdout; one
+    short-lived thread per frame writes the job and waits for the answer, so the training
+    thread never blocks, not even while the child starts.
+    """
+
+    def __init__(self, nice: int = 19) -> None:
+        self.nice = nice
+        self._proc: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()  # one frame at a time on the pipes
+        self._closed = False
+
+    def _ensure_started(self) -> subprocess.Popen:
+        if self._proc is None:
+            root = str(Path(__file__).resolve().parents[1])  # the directory holding monitors/
+            env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                       NUMEXPR_NUM_THREADS="1", VECLIB_MAXIMUM_THREADS="1", MPLBACKEND="Agg",
+                       CUDA_VISIBLE_DEVICES="")
+            code = _child_prelude(self.nice, WORKER_IDLE) + f"sys.path.insert(0, {root!r})\nfrom monitors.tsne import _serve\n_serve()\n"
+            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, env=env, close_fds=True)
+        return self._proc
+
+    def submit(self, job: Mapping[str, Any]) -> Future:
+        if self._closed:
+            raise RuntimeError("tsne: the background worker was shut down")
+        data = pickle.dumps(dict(job), protocol=pickle.HIGHEST_PROTOCOL)  # a pickling error raises here
+        fut: Future = Future()
+        threading.Thread(target=self._run, args=(data, fut), name="tsne-frame", daemon=True).start()
+        return fut
+
+    def _run(self, data: bytes, fut: Future) -> None:
+        try:
+            with self._lock:
+                proc = self._ensure_started()
+                proc.stdin.write(_HEADER.pack(len(data)) + data)
+                proc.stdin.flush()
+                reply = _read_message(proc.stdout)
+            if reply is None:
+                raise RuntimeError(f"tsne: the background worker exited (code {proc.poll()}) before "
+                                   "answering; its stderr above says why")
+            if reply[0] == "ok":
+                fut.set_result(reply[1])
+            else:
+                fut.set_exception(RuntimeError(f"tsne: frame failed in the background worker: {reply[1]}\n{reply[2]}"))
+        except BaseException as exc:  # broken pipe, dead worker, unpicklable reply
+            if not fut.done():
+                fut.set_exception(exc)
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._proc is None else self._proc.pid
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Close the child's stdin (it exits at EOF); kill it if it does not within ``timeout``."""
+        self._closed = True
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _read_exact(stream: Any, n: int) -> Optional[bytes]:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_message(stream: Any) -> Any:
+    head = _read_exact(stream, _HEADER.size)
+    if head is None:
+        return None
+    body = _read_exact(stream, _HEADER.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _serve() -> None:
+    """Main loop of the worker process: read a job, answer with ("ok", frame) or ("err", ...)."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, not into the message pipe
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    torch.set_num_threads(1)
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            job = _read_message(stdin)
+        except Exception:
+            job = None
+        if job is None:
+            return  # EOF: the parent closed the pipe or died
+        try:
+            reply: tuple = ("ok", _compute_frame(job))
+        except BaseException as exc:
+            reply = ("err", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            out.write(_HEADER.pack(len(data)) + data)
+            out.flush()
+        except BrokenPipeError:
+            return
+
+
+# -- animation ------------------------------------------------------------------------------
+def make_gif(exp_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+             frame_ms: int = 600) -> str:
+    """Assemble ``<exp_dir>/tsne/frame_*.png`` (in the order of ``frames.jsonl``) into an
+    animated GIF (default ``<exp_dir>/tsne/evolution.gif``); returns its path."""
+    from PIL import Image as PILImage  # Pillow ships with matplotlib
+
+    tsne_dir = Path(exp_dir) / "tsne"
+    names: list[str] = []
+    index = tsne_dir / "frames.jsonl"
+    if index.exists():
+        for line in index.read_text().splitlines():
+            if line.strip():
+                png = json.loads(line).get("png")
+                if png and (tsne_dir / png).exists():
+                    names.append(png)
+    if not names:
+        names = sorted(p.name for p in tsne_dir.glob("frame_*.png"))
+    if not names:
+        raise FileNotFoundError(f"no t-SNE frames under {tsne_dir}: run with the 'tsne' monitor and exp_dir set")
+    frames = [PILImage.open(tsne_dir / n).convert("RGB") for n in names]
+    path = Path(out) if out is not None else tsne_dir / "evolution.gif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return str(path)
