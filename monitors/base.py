@@ -10,6 +10,14 @@ from .finding import Finding
 Metrics = Optional[Mapping[str, Any]]
 
 
+def positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
+    """Check a monitor option: an integer >= ``minimum`` (bools refused), else a ValueError
+    that names the monitor, the option and the value."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 class Monitor:
     """Base class of all monitors.
 
@@ -27,11 +35,7 @@ class Monitor:
 
     def __init__(self, every_n_steps: Optional[int] = None) -> None:
         if every_n_steps is not None:
-            if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-                raise ValueError(
-                    f"{type(self).__name__}: every_n_steps must be an integer >= 1, got {every_n_steps!r}"
-                )
-            self.every_n_steps = every_n_steps
+            self.every_n_steps = positive_int(type(self).__name__, "every_n_steps", every_n_steps)
         self._pending_findings: list[Finding] = []
 
     # -- findings ---------------------------------------------------------------------------

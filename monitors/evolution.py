@@ -6,15 +6,10 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Image, figure_to_array
 
-
-def _positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -103,10 +98,10 @@ class EvolutionMonitor(Monitor):
                  max_rows: int = 256, max_tracked: int = 4096) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
-        self.max_columns = _positive_int(owner, "max_columns", max_columns, minimum=2)
-        self.image_every = _positive_int(owner, "image_every", image_every)
-        self.max_rows = _positive_int(owner, "max_rows", max_rows)
-        self.max_tracked = _positive_int(owner, "max_tracked", max_tracked)
+        self.max_columns = positive_int(owner, "max_columns", max_columns, minimum=2)
+        self.image_every = positive_int(owner, "image_every", image_every)
+        self.max_rows = positive_int(owner, "max_rows", max_rows)
+        self.max_tracked = positive_int(owner, "max_tracked", max_tracked)
         self._norm: Optional[torch.Tensor] = None    # (max_columns, Kt) float32, row c = column c
         self._update: Optional[torch.Tensor] = None  # (max_columns, Kt)
         self._steps: list[int] = []                  # real step of each filled column

@@ -5,17 +5,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram
 
 _TINY = 1e-12
 
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -53,8 +48,8 @@ class GradientMonitor(Monitor):
     def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50,
                  groups_every: int = 10) -> None:
         super().__init__(every_n_steps)
-        self.hist_every = _positive_int(type(self).__name__, "hist_every", hist_every)
-        self.groups_every = _positive_int(type(self).__name__, "groups_every", groups_every)
+        self.hist_every = positive_int(type(self).__name__, "hist_every", hist_every)
+        self.groups_every = positive_int(type(self).__name__, "groups_every", groups_every)
         self._last_hist: Optional[int] = None
         self._last_groups: Optional[int] = None
 

@@ -5,15 +5,10 @@ from typing import Optional
 
 import torch
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram
 
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class NormMonitor(Monitor):
@@ -27,7 +22,7 @@ class NormMonitor(Monitor):
 
     def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50) -> None:
         super().__init__(every_n_steps)
-        self.hist_every = _positive_int(type(self).__name__, "hist_every", hist_every)
+        self.hist_every = positive_int(type(self).__name__, "hist_every", hist_every)
         self._last_hist: Optional[int] = None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:

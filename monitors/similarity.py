@@ -6,15 +6,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram
 
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class SimilarityMonitor(Monitor):
@@ -35,9 +30,9 @@ class SimilarityMonitor(Monitor):
                  dup_threshold: float = 0.99, hist_pairs: int = 4096, seed: int = 0) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
-        self.hist_every = _positive_int(owner, "hist_every", hist_every)
-        self.max_proto = _positive_int(owner, "max_proto", max_proto)
-        self.hist_pairs = _positive_int(owner, "hist_pairs", hist_pairs)
+        self.hist_every = positive_int(owner, "hist_every", hist_every)
+        self.max_proto = positive_int(owner, "max_proto", max_proto)
+        self.hist_pairs = positive_int(owner, "hist_pairs", hist_pairs)
         if not isinstance(dup_threshold, (int, float)) or not -1.0 <= dup_threshold <= 1.0:
             raise ValueError(f"{owner}: dup_threshold must be a cosine in [-1, 1], got {dup_threshold!r}")
         self.dup_threshold = float(dup_threshold)

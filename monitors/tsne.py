@@ -3,7 +3,7 @@
 Each frame places a fixed subset of prototypes (black ``x``) and up to ``max_points`` speaker
 embeddings of the same space (head outputs, coloured by speaker) in 2-D. A frame starts from the
 previous frame's layout and is aligned to it, so the sequence shows the prototypes move; the
-dashboard turns the frames saved under ``<exp_dir>/tsne/`` into an animated GIF (:func:`make_gif`).
+dashboard turns the frames saved under ``<exp_dir>/tsne/`` into an animated GIF (``monitors.dashboard.build_tsne_gif``).
 
 Training never waits for a frame: the t-SNE and the rendering run in a separate, niced,
 single-threaded Python process; hooks only check whether the frame in flight is done.
@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -27,28 +25,17 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Image, Table
+from .tsne_frame import HEADER, compute_frame, read_message
 
 #: sklearn's TSNE refuses fewer iterations (its early-exaggeration phase alone is 250)
 MIN_TSNE_ITER = 250
 #: fewer points than this make no t-SNE (perplexity needs a few neighbours)
 MIN_FRAME_POINTS = 4
-#: the first frame starts from PCA and needs sklearn's full schedule: 250 iterations of early
-#: exaggeration, then at least 250 without (250 alone leave a squashed, line-like layout)
-FIRST_FRAME_ITER = 500
-#: later frames start from the previous layout: early exaggeration would first contract that
-#: layout (measured: 40 -> 0.5 units wide within three frames), so it is switched off
-WARM_EXAGGERATION = 1.0
 TABLE_COLUMNS = ("x", "y", "kind", "label", "step")
-_HEADER = struct.Struct("!Q")  # length prefix of one pickled message on the worker's pipes
 
-
-def _positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class TSNEMonitor(Monitor):
@@ -99,10 +86,10 @@ class TSNEMonitor(Monitor):
                  worker_nice: int = 19) -> None:
         super().__init__(collect_every_n_steps)
         owner = type(self).__name__
-        self.frame_every_n_steps = _positive_int(owner, "every_n_steps", every_n_steps)
-        self.max_points = _positive_int(owner, "max_points", max_points)
-        self.max_prototypes = _positive_int(owner, "max_prototypes", max_prototypes)
-        self.max_iter = _positive_int(owner, "max_iter", max_iter, MIN_TSNE_ITER)
+        self.frame_every_n_steps = positive_int(owner, "every_n_steps", every_n_steps)
+        self.max_points = positive_int(owner, "max_points", max_points)
+        self.max_prototypes = positive_int(owner, "max_prototypes", max_prototypes)
+        self.max_iter = positive_int(owner, "max_iter", max_iter, MIN_TSNE_ITER)
         if not isinstance(close_timeout_s, (int, float)) or close_timeout_s < 0:
             raise ValueError(f"{owner}: close_timeout_s must be a number of seconds >= 0, got {close_timeout_s!r}")
         self.close_timeout_s = float(close_timeout_s)
@@ -318,7 +305,7 @@ class TSNEMonitor(Monitor):
         """Hand the job to the worker (background) or compute it now (inline)."""
         self._frames_started += 1
         if not self.background:
-            return self._accept(_compute_frame(job))
+            return self._accept(compute_frame(job))
         if self._worker is None:
             self._worker = _BackgroundWorker(nice=self.worker_nice)
         self._future = self._worker.submit(job)
@@ -380,131 +367,6 @@ def _subset(K: int, m: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(K, size=m, replace=False)).astype(np.int64)
 
 
-# -- the frame itself (runs in the worker) ---------------------------------------------------
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def align(Y: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Move the layout ``Y`` rigidly (shift, then rotation or reflection: orthogonal Procrustes)
-    so that its rows ``src`` best match ``dst``. No scaling: a least-squares scale shrinks the
-    picture whenever the two layouts differ, and t-SNE keeps its own scale from a warm start."""
-    from scipy.linalg import orthogonal_procrustes
-
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    R, _ = orthogonal_procrustes(src - mu_s, dst - mu_d)  # (2, 2)
-    return (Y - mu_s) @ R + mu_d
-
-
-def _initial_layout(P: np.ndarray, E: np.ndarray, labels: Sequence[str], prev: Optional[np.ndarray],
-                    prev_speakers: Mapping[str, Sequence[float]], rng: np.random.Generator) -> Any:
-    """Warm start: prototypes at their previous positions; each embedding at its speaker's
-    previous centroid, else at the previous position of its nearest prototype, plus jitter."""
-    if prev is None:
-        return "pca"
-    spread = float(prev.std()) or 1.0
-    init = np.empty((len(P) + len(E), 2))
-    init[: len(P)] = prev
-    if len(E):
-        nearest = np.argmax(E @ P.T, axis=1)  # cosine on unit vectors
-        for i, lab in enumerate(labels):
-            init[len(P) + i] = prev_speakers[lab] if lab in prev_speakers else prev[nearest[i]]
-        init[len(P):] += 0.05 * spread * rng.standard_normal((len(E), 2))
-    # t-SNE dislikes exactly coincident starting points: a tiny jitter everywhere
-    init += 1e-4 * spread * rng.standard_normal(init.shape)
-    return init
-
-
-def _single_thread() -> Any:
-    """Limit BLAS/OpenMP to one thread for the t-SNE. On a busy machine sklearn's OpenMP
-    Barnes-Hut with 2 threads took 9 s where one thread took 1.5 s (656 points)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # sklearn depends on threadpoolctl; this is only a fallback
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
-def _compute_frame(job: Mapping[str, Any]) -> dict[str, Any]:
-    """t-SNE of prototypes + embeddings, aligned to the previous layout, rendered to RGBA."""
-    # sklearn's TSNE: the reference implementation (Barnes-Hut, PCA init, array init for warm
-    # starts), well maintained and already a dependency; a hand-written t-SNE would be slower
-    # and a liability to keep correct.
-    from sklearn.manifold import TSNE
-
-    t0 = time.perf_counter()
-    P = _l2n(np.asarray(job["protos"], dtype=np.float64))   # (m, D) unit vectors
-    E = np.asarray(job["points"], dtype=np.float64)
-    E = _l2n(E) if len(E) else np.zeros((0, P.shape[1]))   # (n, D)
-    labels = list(job["labels"])
-    m, n = len(P), len(E)
-    X = np.vstack([P, E])                                    # (m + n, D)
-    rng = np.random.default_rng(job["seed"] + 7919 * job["frame"])
-    prev = job["prev_protos"]
-    init = _initial_layout(P, E, labels, prev, job["prev_speakers"], rng)
-    max_iter = int(job["max_iter"]) if prev is not None else max(int(job["max_iter"]), FIRST_FRAME_ITER)
-    exaggeration = 12.0 if prev is None else WARM_EXAGGERATION
-    tsne = TSNE(n_components=2, perplexity=min(30.0, (m + n - 1) / 3.0), init=init, max_iter=max_iter,
-                early_exaggeration=exaggeration, learning_rate="auto", random_state=job["seed"])
-    with _single_thread():
-        Y = tsne.fit_transform(X)                            # (m + n, 2)
-    if prev is not None:
-        Y = align(Y, Y[:m], prev)
-    kinds = ["prototype"] * m + ["embedding"] * n
-    all_labels = [f"p{i}" for i in job["proto_ids"]] + labels
-    image = _render(Y, m, labels, job["step"], job["source"], job.get("colours") or {})
-    if job.get("png_path"):
-        import matplotlib.image as mpimg
-
-        os.makedirs(os.path.dirname(job["png_path"]), exist_ok=True)
-        mpimg.imsave(job["png_path"], image)
-    return {"step": job["step"], "source": job["source"], "coords": Y, "labels": all_labels,
-            "kinds": kinds, "image": image, "seconds": time.perf_counter() - t0,
-            "png_path": job.get("png_path"), "tsne_dir": job.get("tsne_dir")}
-
-
-def _render(Y: np.ndarray, m: int, labels: Sequence[str], step: int, source: str,
-            colours: Mapping[str, int]) -> np.ndarray:
-    """Speakers as coloured dots (legend when few), prototypes as black x; (H, W, 4) uint8."""
-    # Figure + Agg canvas directly: no pyplot, so no global backend or figure registry is touched
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 6.4), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    speakers = sorted(dict.fromkeys(labels), key=_label_key)
-    if speakers:
-        import matplotlib
-
-        # tab10 while the run has seen at most 10 speakers, then tab20 (colours repeat after 20)
-        cmap = matplotlib.colormaps["tab10" if max(colours.values(), default=0) < 10 else "tab20"]
-        lab_arr = np.array(labels, dtype=object)
-        E = Y[m:]
-        for i, s in enumerate(speakers):
-            sel = lab_arr == s
-            ax.scatter(E[sel, 0], E[sel, 1], s=10, color=cmap(colours.get(s, i) % cmap.N), alpha=0.75,
-                       linewidths=0, label=s if len(speakers) <= 12 else None)
-    ax.scatter(Y[:m, 0], Y[:m, 1], marker="x", s=22, c="black", linewidths=0.9,
-               label=f"prototypes ({m})", zorder=3)
-    ax.set_title(f"prototypes vs speaker embeddings, step {step}"
-                 + (" (eval)" if source == "embeddings" else ""), fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_aspect("equal", adjustable="datalim")
-    if len(speakers) <= 12:
-        ax.legend(loc="best", fontsize=7, markerscale=1.5, framealpha=0.7)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba()).copy()
-
-
-def _label_key(label: str) -> tuple:
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
-
-
 # -- the background process -----------------------------------------------------------------
 #: run the worker under Linux SCHED_IDLE as well: it then only gets otherwise idle CPU time, so
 #: training loses nothing, but a machine that training saturates starves the frames completely
@@ -542,11 +404,12 @@ class _BackgroundWorker:
 
     def _ensure_started(self) -> subprocess.Popen:
         if self._proc is None:
-            root = str(Path(__file__).resolve().parents[1])  # the directory holding monitors/
+            # the worker runs tsne_frame.py as a script: no torch, no monitors package to import
+            worker = str(Path(__file__).resolve().with_name("tsne_frame.py"))
             env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                        NUMEXPR_NUM_THREADS="1", VECLIB_MAXIMUM_THREADS="1", MPLBACKEND="Agg",
                        CUDA_VISIBLE_DEVICES="")
-            code = _child_prelude(self.nice, WORKER_IDLE) + f"sys.path.insert(0, {root!r})\nfrom monitors.tsne import _serve\n_serve()\n"
+            code = _child_prelude(self.nice, WORKER_IDLE) + f"import runpy\nrunpy.run_path({worker!r}, run_name='__main__')\n"
             self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, env=env, close_fds=True)
         return self._proc
@@ -563,9 +426,9 @@ class _BackgroundWorker:
         try:
             with self._lock:
                 proc = self._ensure_started()
-                proc.stdin.write(_HEADER.pack(len(data)) + data)
+                proc.stdin.write(HEADER.pack(len(data)) + data)
                 proc.stdin.flush()
-                reply = _read_message(proc.stdout)
+                reply = read_message(proc.stdout)
             if reply is None:
                 raise RuntimeError(f"tsne: the background worker exited (code {proc.poll()}) before "
                                    "answering; its stderr above says why")
@@ -596,79 +459,3 @@ class _BackgroundWorker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _read_exact(stream: Any, n: int) -> Optional[bytes]:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = stream.read(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def _read_message(stream: Any) -> Any:
-    head = _read_exact(stream, _HEADER.size)
-    if head is None:
-        return None
-    body = _read_exact(stream, _HEADER.unpack(head)[0])
-    return None if body is None else pickle.loads(body)
-
-
-def _serve() -> None:
-    """Main loop of the worker process: read a job, answer with ("ok", frame) or ("err", ...)."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints go to stderr, not into the message pipe
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:
-        pass
-    torch.set_num_threads(1)
-    stdin = sys.stdin.buffer
-    while True:
-        try:
-            job = _read_message(stdin)
-        except Exception:
-            job = None
-        if job is None:
-            return  # EOF: the parent closed the pipe or died
-        try:
-            reply: tuple = ("ok", _compute_frame(job))
-        except BaseException as exc:
-            reply = ("err", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            out.write(_HEADER.pack(len(data)) + data)
-            out.flush()
-        except BrokenPipeError:
-            return
-
-
-# -- animation ------------------------------------------------------------------------------
-def make_gif(exp_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None,
-             frame_ms: int = 600) -> str:
-    """Assemble ``<exp_dir>/tsne/frame_*.png`` (in the order of ``frames.jsonl``) into an
-    animated GIF (default ``<exp_dir>/tsne/evolution.gif``); returns its path."""
-    from PIL import Image as PILImage  # Pillow ships with matplotlib
-
-    tsne_dir = Path(exp_dir) / "tsne"
-    names: list[str] = []
-    index = tsne_dir / "frames.jsonl"
-    if index.exists():
-        for line in index.read_text().splitlines():
-            if line.strip():
-                png = json.loads(line).get("png")
-                if png and (tsne_dir / png).exists():
-                    names.append(png)
-    if not names:
-        names = sorted(p.name for p in tsne_dir.glob("frame_*.png"))
-    if not names:
-        raise FileNotFoundError(f"no t-SNE frames under {tsne_dir}: run with the 'tsne' monitor and exp_dir set")
-    frames = [PILImage.open(tsne_dir / n).convert("RGB") for n in names]
-    path = Path(out) if out is not None else tsne_dir / "evolution.gif"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
-    return str(path)

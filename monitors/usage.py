@@ -5,15 +5,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram
 
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _mean_assignment(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +43,8 @@ class UsageMonitor(Monitor):
                  hist_every: int = 50) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
-        self.window = _positive_int(owner, "window", window)
-        self.hist_every = _positive_int(owner, "hist_every", hist_every)
+        self.window = positive_int(owner, "window", window)
+        self.hist_every = positive_int(owner, "hist_every", hist_every)
         self._last_hist: Optional[int] = None
         self._last_used: Optional[torch.Tensor] = None  # (K,) int64: step each was last argmax
         self._hit: Optional[torch.Tensor] = None        # (K,) bool work buffer

@@ -233,9 +233,9 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
         start_step = int(state["step"])
         ctx.step, ctx.epoch = start_step, start_step // per_epoch
         ckpt.set_rng_state(state["rng"])
+        hub.load_state_dict(state.get("monitor_hub", {}))  # first: what it finds now is kept
         ctx.checkpoint = state
         hub.emit("on_load_checkpoint", ctx)
-        hub.load_state_dict(state.get("monitor_hub", {}))
         ctx.checkpoint = None
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {start_step}", file=sys.stderr)

@@ -36,6 +36,32 @@ def micro(data_cache, tmp_path) -> list[str]:
     ]
 
 
+class RecordingSink:
+    """A sink that keeps what the hub hands it, for unit tests of monitors (the real W&B sink is
+    tested end to end)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, Any]]] = []
+        self.alerts: list[Any] = []
+        self.summary: dict[str, Any] = {}
+        self.closed = False
+
+    def log_rows(self, rows) -> None:
+        self.rows.extend(rows)
+
+    def set_summary(self, values) -> None:
+        self.summary.update(values)
+
+    def alert(self, finding) -> None:
+        self.alerts.append(finding)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def keys(self) -> set[str]:
+        return {k for _, r in self.rows for k in r}
+
+
 def wandb_records(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every record of a real offline run, read back with ``wandb leet inspect --json``."""
     exe = Path(sys.executable).with_name("wandb")

@@ -19,33 +19,9 @@ from torch import nn
 
 from monitors import Monitor, attach
 from monitors.attach import AttachedHub, resolve_prototypes
+from conftest import RecordingSink as RecSink
 
 K, D, IN, B = 16, 8, 12, 32
-
-
-class RecSink:
-    """Records what the hub writes (instead of W&B)."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict]] = []
-        self.alerts: list = []
-        self.summary: dict = {}
-        self.closed = False
-
-    def log_rows(self, rows):
-        self.rows.extend(rows)
-
-    def set_summary(self, values):
-        self.summary.update(values)
-
-    def alert(self, finding):
-        self.alerts.append(finding)
-
-    def close(self):
-        self.closed = True
-
-    def keys(self) -> set[str]:
-        return {k for _, r in self.rows for k in r}
 
 
 class Recorder(Monitor):

@@ -27,27 +27,9 @@ from monitors.health import (
     prototype_optimizer_state_in_checkpoint,
 )
 from monitors.registry import build_monitors
+from conftest import RecordingSink as FakeSink
 
 K, D, IN, B = 16, 8, 4, 8
-
-
-class FakeSink:
-    def __init__(self) -> None:
-        self.rows: list = []
-        self.alerts: list = []
-        self.summary: dict = {}
-
-    def log_rows(self, rows) -> None:
-        self.rows.extend(rows)
-
-    def alert(self, finding) -> None:
-        self.alerts.append(finding)
-
-    def set_summary(self, values) -> None:
-        self.summary.update(values)
-
-    def close(self) -> None:
-        pass
 
 
 def sinkhorn(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:

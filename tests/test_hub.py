@@ -5,28 +5,9 @@ from __future__ import annotations
 import torch
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, RecordingSink as FakeSink
 from monitors import Finding, Monitor, MonitorHub, RunContext, build_monitors
 from monitors.media import Histogram
-
-
-class FakeSink:
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict]] = []
-        self.alerts: list[Finding] = []
-        self.summary: dict = {}
-
-    def log_rows(self, rows):
-        self.rows.extend(rows)
-
-    def set_summary(self, values):
-        self.summary.update(values)
-
-    def alert(self, finding):
-        self.alerts.append(finding)
-
-    def close(self):
-        pass
 
 
 class Counter(Monitor):

@@ -15,19 +15,9 @@ L = pytest.importorskip("lightning.pytorch")
 
 from monitors import Monitor  # noqa: E402
 from monitors.integrations.lightning import PrototypeMonitorCallback  # noqa: E402
+from conftest import RecordingSink as RecSink
 
 K, D, IN, B = 16, 8, 12, 32
-
-
-class RecSink:
-    def __init__(self) -> None:
-        self.rows: list = []
-        self.summary: dict = {}
-
-    def log_rows(self, rows): self.rows.extend(rows)
-    def set_summary(self, values): self.summary.update(values)
-    def alert(self, finding): pass
-    def close(self): pass
 
 
 class Recorder(Monitor):

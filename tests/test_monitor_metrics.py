@@ -24,6 +24,7 @@ from monitors.norms import NormMonitor
 from monitors.registry import build_monitors
 from monitors.similarity import SimilarityMonitor
 from monitors.usage import UsageMonitor
+from conftest import RecordingSink
 
 NAMES = ["norms", "gradients", "deltas", "usage", "similarity", "evolution"]
 
@@ -319,24 +320,6 @@ def test_per_step_hooks_do_not_sync_and_return_tensors_or_media():
 
 
 # -- all six through a hub -------------------------------------------------------------------
-class RecordingSink:
-    def __init__(self) -> None:
-        self.rows: list = []
-        self.alerts: list = []
-        self.summary: dict = {}
-
-    def log_rows(self, rows) -> None:
-        self.rows.extend(rows)
-
-    def alert(self, finding) -> None:
-        self.alerts.append(finding)
-
-    def set_summary(self, values) -> None:
-        self.summary.update(values)
-
-    def close(self) -> None:
-        pass
-
 
 EXPECTED_SCALARS = [
     "proto/norm/mean", "proto/norm/min", "proto/norm/max", "proto/norm/std",

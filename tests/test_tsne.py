@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from monitors import MonitorHub
 from monitors.events import RunContext, StepOutputs
 from monitors.media import Image, Table
-from monitors.tsne import TSNEMonitor, align, make_gif
+from monitors.dashboard import build_tsne_gif
+from monitors.tsne import TSNEMonitor
+from monitors.tsne_frame import align
+from conftest import RecordingSink
 
 K, D, N, S = 40, 16, 60, 4  # prototypes, dimension, embeddings, speakers
 
@@ -71,7 +74,7 @@ def test_inline_frames_from_embeddings_are_complete_aligned_and_saved(tmp_path):
     assert [x["png"] for x in lines] == ["frame_0000007.png", "frame_0000009.png"]
     assert all((tmp_path / "tsne" / x["png"]).exists() for x in lines)
     assert len(lines[1]["coords"]) == m + N
-    gif = make_gif(tmp_path)
+    gif = build_tsne_gif(tmp_path)
     from PIL import Image as PILImage
 
     assert PILImage.open(gif).n_frames == 2
@@ -152,26 +155,6 @@ def test_embeddings_from_another_space_are_refused():
         mon.on_embeddings(ctx)
     with pytest.raises(ValueError, match="max_iter"):
         TSNEMonitor(max_iter=100)
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict]] = []
-        self.summaries: list[dict] = []
-        self.alerts: list = []
-        self.closed = False
-
-    def log_rows(self, rows) -> None:
-        self.rows.extend(rows)
-
-    def set_summary(self, values) -> None:
-        self.summaries.append(dict(values))
-
-    def alert(self, finding) -> None:
-        self.alerts.append(finding)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def test_background_frames_never_block_training_and_arrive_at_close(tmp_path):
