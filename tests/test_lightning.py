@@ -146,6 +146,45 @@ def test_collapse():
     assert "PROTO_COLLAPSE" in bad_codes(cb)
 
 
+class NonLeafPrototypes(SwAVLike):
+    """The original SDPN's trap inside Lightning: a Parameter copied by .to(), a non-leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.prototypes
+        self.prototypes = nn.Parameter(torch.randn(K, D)).to("cpu", copy=True)   # (K, D) non-leaf
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        z = F.normalize(self.backbone(x + 0.1 * torch.randn_like(x)), dim=-1)
+        p = torch.softmax(z @ F.normalize(self.prototypes, dim=-1).T / 0.1, dim=-1)
+        with torch.no_grad():
+            q = sinkhorn(F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T / 0.05)
+        return -(q * torch.log(p + 1e-8)).sum(1).mean()
+
+
+class WarmupFromZero(SwAVLike):
+    """Every group's lr is 0 for the first 8 steps: an intended freeze, info only."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s < 8 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_non_leaf_prototypes():
+    cb = callback()
+    fit(NonLeafPrototypes(), [cb], max_steps=10)
+    assert "PROTO_NOT_LEAF" in bad_codes(cb)
+
+
+def test_intentional_lr_zero_warmup_is_info_only():
+    cb = callback()
+    fit(WarmupFromZero(), [cb], max_steps=30)
+    assert bad_codes(cb) == set(), [str(f) for f in cb.findings]
+    assert "PROTO_LR_ZERO" in {f.code for f in cb.findings if f.severity == "info"}
+
+
 def test_gradient_accumulation_one_event_per_optimizer_step():
     rec = Recorder()
     cb = callback(monitors=[rec])
