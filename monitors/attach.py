@@ -488,6 +488,13 @@ class AttachedHub(MonitorHub):
             h.remove()
         self._handles = []
 
+    def reattach(self) -> None:
+        """Install the hooks again after :meth:`detach` (e.g. to watch only part of a run)."""
+        if self._closed:
+            raise RuntimeError("this hub is closed: call attach() again for a new one")
+        if not self._handles:
+            self._install_hooks()
+
     def close(self) -> None:
         """Detach, emit ``on_train_end``, flush, finish background work, close the sinks."""
         if self._closed:

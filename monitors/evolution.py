@@ -1,6 +1,8 @@
 """Heatmaps of every prototype's norm and update size over training (prototypes x steps)."""
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -83,7 +85,9 @@ class EvolutionMonitor(Monitor):
     buffers of ``max_columns`` columns. When full, every other column is dropped and the record
     interval doubles, so long runs stay bounded and evenly sampled.
 
-    At ``on_log`` every ``image_every`` steps and at ``on_train_end`` it renders two heatmaps,
+    At ``on_log`` every ``image_every`` steps, but at most once per ``min_render_seconds`` of
+    wall time (a render takes ~0.1-0.3 s on a CPU: with fast steps a step cadence alone would
+    cost percents of training), and at ``on_train_end`` it renders two heatmaps,
     ``proto/evolution/norm`` and ``proto/evolution/update`` (log10): rows are prototypes sorted by
     their latest norm (at most ``max_rows``, evenly sampled), columns are steps. For
     K > ``max_tracked`` a fixed evenly spaced subset of prototypes is tracked.
@@ -95,13 +99,17 @@ class EvolutionMonitor(Monitor):
     name = "evolution"
 
     def __init__(self, every_n_steps: int = 10, max_columns: int = 200, image_every: int = 100,
-                 max_rows: int = 256, max_tracked: int = 4096) -> None:
+                 max_rows: int = 256, max_tracked: int = 4096, min_render_seconds: float = 30.0) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
         self.max_columns = positive_int(owner, "max_columns", max_columns, minimum=2)
         self.image_every = positive_int(owner, "image_every", image_every)
         self.max_rows = positive_int(owner, "max_rows", max_rows)
         self.max_tracked = positive_int(owner, "max_tracked", max_tracked)
+        if not isinstance(min_render_seconds, (int, float)) or min_render_seconds < 0:
+            raise ValueError(f"{owner}: min_render_seconds must be a number >= 0, got {min_render_seconds!r}")
+        self.min_render_seconds = float(min_render_seconds)
+        self._last_render_time = -math.inf            # time.monotonic() of the last render
         self._norm: Optional[torch.Tensor] = None    # (max_columns, Kt) float32, row c = column c
         self._update: Optional[torch.Tensor] = None  # (max_columns, Kt)
         self._steps: list[int] = []                  # real step of each filled column
@@ -223,6 +231,7 @@ class EvolutionMonitor(Monitor):
             return None
         self._history = hist
         self._last_render = step
+        self._last_render_time = time.monotonic()
         self._dirty = False
         steps, n_rows = hist["steps"], len(hist["rows"])
         ylabel = f"prototype rank by norm ({n_rows} of {self._num_proto})"
@@ -248,6 +257,8 @@ class EvolutionMonitor(Monitor):
             return None
         last = -1 if self._last_render is None else self._last_render
         if ctx.step - last < self.image_every:
+            return None
+        if time.monotonic() - self._last_render_time < self.min_render_seconds:
             return None
         return self._render(ctx.step)
 

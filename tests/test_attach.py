@@ -424,6 +424,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
+        dist.barrier()  # both ranks done before either tears the group down
         dist.destroy_process_group()
 
 

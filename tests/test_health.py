@@ -416,6 +416,7 @@ def _replica_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
                 hub.emit("on_step_end", ctx)
             hub.emit("on_train_end", ctx)
             results[scenario] = [[f.code, f.severity, f.step, f.message] for f in hub.findings]
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:

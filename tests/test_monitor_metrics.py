@@ -212,7 +212,7 @@ def test_evolution_records_compacts_renders_and_resumes():
     K = 3
     P = torch.zeros(K, 2)
     delta = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.0, 0.0]])  # row 2 never moves
-    m = EvolutionMonitor(every_n_steps=1, max_columns=4, image_every=3, max_rows=2)
+    m = EvolutionMonitor(every_n_steps=1, max_columns=4, image_every=3, max_rows=2, min_render_seconds=0)
     for step in range(4):
         _evo_step(m, P, step, delta)
     h = m.history()
@@ -235,7 +235,7 @@ def test_evolution_records_compacts_renders_and_resumes():
 
     state = m.state_dict()
     assert state["norm"].device.type == "cpu" and state["steps"] == [0, 2, 4, 6]
-    m2 = EvolutionMonitor(every_n_steps=1, max_columns=4, image_every=3, max_rows=2)
+    m2 = EvolutionMonitor(every_n_steps=1, max_columns=4, image_every=3, max_rows=2, min_render_seconds=0)
     m2.load_state_dict(state)
     assert m2.history()["steps"] == [0, 2, 4, 6]
     _evo_step(m2, P, 7, delta)           # still interval 2 after the resume
@@ -247,9 +247,19 @@ def test_evolution_records_compacts_renders_and_resumes():
     assert m2.on_train_end(ctx_for(P, step=8)) is None         # nothing new since the last render
 
 
+def test_evolution_renders_at_most_once_per_min_render_seconds():
+    P = torch.ones(4, 3)
+    m = EvolutionMonitor(every_n_steps=1, image_every=1, min_render_seconds=3600)
+    _evo_step(m, P, 0, torch.zeros(4, 3))
+    assert m.on_log(ctx_for(P, step=0)) is not None            # the first render is never held back
+    _evo_step(m, P, 1, torch.zeros(4, 3))
+    assert m.on_log(ctx_for(P, step=1)) is None                # due by steps, held back by time
+    assert m.on_train_end(ctx_for(P, step=1)) is not None      # the final picture always comes
+
+
 def test_evolution_uneven_columns_and_frozen_prototypes_render():
     P = torch.ones(4, 3)
-    m = EvolutionMonitor(every_n_steps=1, image_every=1)
+    m = EvolutionMonitor(every_n_steps=1, image_every=1, min_render_seconds=0)
     for step in (0, 1, 2, 10):                                  # uneven spacing: true widths
         _evo_step(m, P, step, torch.zeros(4, 3))                # nothing ever moves
     h = m.history()
@@ -348,7 +358,7 @@ def test_all_six_through_hub_for_30_steps():
     monitors = build_monitors({"norms": {"hist_every": 10}, "gradients": {"hist_every": 10},
                                "deltas": {}, "usage": {"window": 10, "hist_every": 10},
                                "similarity": {"every_n_steps": 5, "hist_every": 10},
-                               "evolution": {"every_n_steps": 2, "image_every": 10}})
+                               "evolution": {"every_n_steps": 2, "image_every": 10, "min_render_seconds": 0}})
     sink = RecordingSink()
     hub = MonitorHub(monitors, sinks=[sink], log_every=10, console=None)
     ctx = RunContext(prototypes=P, optimizer=opt, param_groups={"head": list(head.parameters())})
