@@ -86,7 +86,7 @@ def main() -> None:
         for v, m in med.items():
             print(f"  {v:<11} {m:8.1f} ms   {m / med['none']:.3f}x")
         if not args.skip_full:
-            print(f"\npart 2: the whole default run with and without t-SNE frames")
+            print("\npart 2: the whole default run with and without t-SNE frames")
             without = full_run(tmp, "no_tsne", NO_TSNE)
             with_tsne = full_run(tmp, "with_tsne", "default")
             print(f"  without t-SNE {without:7.1f} s")

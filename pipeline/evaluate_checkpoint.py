@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-
 from . import checkpoint as ckpt
 from .config import load_config
 from .data import Fbank

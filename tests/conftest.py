@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from monitors import Monitor
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -60,6 +62,43 @@ class RecordingSink:
 
     def keys(self) -> set[str]:
         return {k for _, r in self.rows for k in r}
+
+
+class Recorder(Monitor):
+    """Records (event, step) of every hook call, and what the context held: the step outputs,
+    the embeddings' shape and labels, the prototypes at train start."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.events: list[tuple[str, int]] = []
+        self.embeddings: list[tuple[tuple, Any]] = []
+        self.outputs: list[Any] = []
+        self.start_prototypes = None
+
+    def _rec(self, event: str, ctx) -> None:
+        self.events.append((event, ctx.step))
+
+    def on_train_start(self, ctx):
+        self._rec("on_train_start", ctx)
+        self.start_prototypes = ctx.prototypes.detach().cpu().clone()
+
+    def on_after_backward(self, ctx): self._rec("on_after_backward", ctx)
+    def on_before_optimizer_step(self, ctx): self._rec("on_before_optimizer_step", ctx)
+    def on_after_optimizer_step(self, ctx): self._rec("on_after_optimizer_step", ctx)
+
+    def on_step_end(self, ctx):
+        self._rec("on_step_end", ctx)
+        self.outputs.append(ctx.outputs)
+
+    def on_embeddings(self, ctx):
+        self._rec("on_embeddings", ctx)
+        self.embeddings.append((tuple(ctx.embeddings.shape), ctx.labels))
+
+    def on_save_checkpoint(self, ctx): self._rec("on_save_checkpoint", ctx)
+    def on_load_checkpoint(self, ctx): self._rec("on_load_checkpoint", ctx)
+    def on_train_end(self, ctx): self._rec("on_train_end", ctx)
 
 
 def wandb_records(run_dir: str | Path) -> list[dict[str, Any]]:

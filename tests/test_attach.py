@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -19,41 +19,9 @@ from torch import nn
 
 from monitors import Monitor, attach
 from monitors.attach import AttachedHub, resolve_prototypes
-from conftest import RecordingSink as RecSink
+from conftest import RecordingSink as RecSink, Recorder
 
 K, D, IN, B = 16, 8, 12, 32
-
-
-class Recorder(Monitor):
-    """Records (event, step) of every hook call, and what the context held."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        super().__init__(1)
-        self.events: list[tuple[str, int]] = []
-        self.embeddings: list[tuple[tuple, Optional[list]]] = []
-        self.outputs: list = []
-
-    def _rec(self, event: str, ctx) -> None:
-        self.events.append((event, ctx.step))
-
-    def on_train_start(self, ctx): self._rec("on_train_start", ctx)
-    def on_after_backward(self, ctx): self._rec("on_after_backward", ctx)
-    def on_before_optimizer_step(self, ctx): self._rec("on_before_optimizer_step", ctx)
-    def on_after_optimizer_step(self, ctx): self._rec("on_after_optimizer_step", ctx)
-
-    def on_step_end(self, ctx):
-        self._rec("on_step_end", ctx)
-        self.outputs.append(ctx.outputs)
-
-    def on_embeddings(self, ctx):
-        self._rec("on_embeddings", ctx)
-        self.embeddings.append((tuple(ctx.embeddings.shape), ctx.labels))
-
-    def on_save_checkpoint(self, ctx): self._rec("on_save_checkpoint", ctx)
-    def on_load_checkpoint(self, ctx): self._rec("on_load_checkpoint", ctx)
-    def on_train_end(self, ctx): self._rec("on_train_end", ctx)
 
 
 class Student(nn.Module):

@@ -13,33 +13,10 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch")
 
-from monitors import Monitor  # noqa: E402
 from monitors.integrations.lightning import PrototypeMonitorCallback  # noqa: E402
-from conftest import RecordingSink as RecSink
+from conftest import RecordingSink as RecSink, Recorder
 
 K, D, IN, B = 16, 8, 12, 32
-
-
-class Recorder(Monitor):
-    name = "recorder"
-
-    def __init__(self) -> None:
-        super().__init__(1)
-        self.events: list[tuple[str, int]] = []
-        self.embeddings: list = []
-
-    def on_train_start(self, ctx): self.events.append(("on_train_start", ctx.step))
-    def on_after_backward(self, ctx): self.events.append(("on_after_backward", ctx.step))
-    def on_before_optimizer_step(self, ctx): self.events.append(("on_before_optimizer_step", ctx.step))
-    def on_after_optimizer_step(self, ctx): self.events.append(("on_after_optimizer_step", ctx.step))
-    def on_step_end(self, ctx): self.events.append(("on_step_end", ctx.step))
-    def on_save_checkpoint(self, ctx): self.events.append(("on_save_checkpoint", ctx.step))
-    def on_load_checkpoint(self, ctx): self.events.append(("on_load_checkpoint", ctx.step))
-    def on_train_end(self, ctx): self.events.append(("on_train_end", ctx.step))
-
-    def on_embeddings(self, ctx):
-        self.events.append(("on_embeddings", ctx.step))
-        self.embeddings.append((tuple(ctx.embeddings.shape), list(ctx.labels)))
 
 
 @torch.no_grad()

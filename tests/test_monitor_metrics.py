@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from monitors.base import Monitor
 from monitors.deltas import DeltaMonitor
-from monitors.events import STEP_EVENTS, RunContext, StepOutputs
+from monitors.events import RunContext, StepOutputs
 from monitors.evolution import EvolutionMonitor
 from monitors.gradients import GradientMonitor
 from monitors.hub import MonitorHub

@@ -13,53 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, history_keys, wandb_records, wandb_summary
-from monitors import Monitor
+from conftest import ROOT, history_keys, wandb_records, wandb_summary, Recorder
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.train import train
 
 TINY = ROOT / "experiments/sdpn_tiny.yaml"
-
-
-class Recorder(Monitor):
-    """Records the event sequence, the step counter and the prototypes at train start."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, int]] = []
-        self.start_prototypes = None
-
-    def on_train_start(self, ctx):
-        self.events.append(("on_train_start", ctx.step))
-        self.start_prototypes = ctx.prototypes.detach().cpu().clone()
-
-    def on_after_backward(self, ctx):
-        self.events.append(("on_after_backward", ctx.step))
-
-    def on_before_optimizer_step(self, ctx):
-        self.events.append(("on_before_optimizer_step", ctx.step))
-
-    def on_after_optimizer_step(self, ctx):
-        self.events.append(("on_after_optimizer_step", ctx.step))
-
-    def on_step_end(self, ctx):
-        assert ctx.outputs is not None and ctx.outputs.student_probs is not None
-        self.events.append(("on_step_end", ctx.step))
-
-    def on_embeddings(self, ctx):
-        self.events.append(("on_embeddings", ctx.step))
-
-    def on_save_checkpoint(self, ctx):
-        self.events.append(("on_save_checkpoint", ctx.step))
-
-    def on_load_checkpoint(self, ctx):
-        self.events.append(("on_load_checkpoint", ctx.step))
-
-    def on_train_end(self, ctx):
-        self.events.append(("on_train_end", ctx.step))
 
 
 def test_training_end_to_end_through_real_wandb(micro):
@@ -76,6 +35,7 @@ def test_training_end_to_end_through_real_wandb(micro):
             expected.append(("on_save_checkpoint", 3))
     expected += [("on_save_checkpoint", 5), ("on_embeddings", 5), ("on_train_end", 5)]
     assert rec.events == expected
+    assert all(o is not None and o.student_probs is not None and o.teacher_targets is not None for o in rec.outputs)
 
     state = torch.load(Path(cfg.exp_dir) / "checkpoint.pt", weights_only=False)
     for key in ("student", "teacher", "prototypes", "optimizer", "step", "rng", "monitor_hub", "wandb_run_id"):
