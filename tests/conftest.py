@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from monitors import Monitor
 
@@ -36,6 +37,18 @@ def micro(data_cache, tmp_path) -> list[str]:
         "monitors={tsne: {every_n_steps: 4, background: false}, norms: {}, gradients: {}, "
         "deltas: {}, usage: {}, similarity: {every_n_steps: 2}, evolution: {}, health: {}}",
     ]
+
+
+@torch.no_grad()
+def sinkhorn(scores: "torch.Tensor", iters: int = 3) -> "torch.Tensor":
+    """Balanced targets for the foreign test loops: (N, K) non-negative scores -> (N, K) rows
+    summing to 1 with uniform prototype marginals (Sinkhorn-Knopp, as SwAV/SDPN)."""
+    q = scores.T / scores.sum()  # (K, N)
+    k, n = q.shape
+    for _ in range(iters):
+        q = q / (q.sum(dim=1, keepdim=True) * k)
+        q = q / (q.sum(dim=0, keepdim=True) * n)
+    return (q * n).T
 
 
 class RecordingSink:

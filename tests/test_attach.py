@@ -19,7 +19,7 @@ from torch import nn
 
 from monitors import Monitor, attach
 from monitors.attach import AttachedHub, resolve_prototypes
-from conftest import RecordingSink as RecSink, Recorder
+from conftest import RecordingSink as RecSink, Recorder, sinkhorn
 
 K, D, IN, B = 16, 8, 12, 32
 
@@ -36,16 +36,6 @@ class Student(nn.Module):
 
 def snn(z, P, tau=0.1):
     return torch.softmax(F.normalize(z, dim=-1) @ F.normalize(P, dim=-1).T / tau, dim=-1)
-
-
-@torch.no_grad()
-def sinkhorn(t, iters=3):
-    q = t.T / t.sum()
-    k, b = q.shape
-    for _ in range(iters):
-        q = q / (q.sum(dim=1, keepdim=True) * k)
-        q = q / (q.sum(dim=0, keepdim=True) * b)
-    return (q * b).T
 
 
 def make(seed: int = 0, proto_in_optimizer: bool = True, non_leaf: bool = False, momentum: float = 0.0):
@@ -394,6 +384,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     finally:
         dist.barrier()  # both ranks done before either tears the group down
         dist.destroy_process_group()
+    # Results are on disk: leave without running C++ static destructors, where gloo's threads
+    # now and then abort at interpreter exit ("terminate called without an active exception").
+    os._exit(0)
 
 
 def test_ddp_replicas_diverge_without_gradient_all_reduce(tmp_path):

@@ -14,20 +14,9 @@ from torch import nn
 L = pytest.importorskip("lightning.pytorch")
 
 from monitors.integrations.lightning import PrototypeMonitorCallback  # noqa: E402
-from conftest import RecordingSink as RecSink, Recorder
+from conftest import RecordingSink as RecSink, Recorder, sinkhorn
 
 K, D, IN, B = 16, 8, 12, 32
-
-
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, iters: int = 3) -> torch.Tensor:
-    q = torch.exp(scores - scores.max()).T
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True) * k
-        q /= q.sum(dim=0, keepdim=True) * b
-    return (q * b).T
 
 
 class SwAVLike(L.LightningModule):
@@ -48,7 +37,8 @@ class SwAVLike(L.LightningModule):
         z = F.normalize(self.backbone(x + noise), dim=-1)                 # (B, D)
         p = torch.softmax(self.prototypes(z) / 0.1, dim=-1)               # (B, K)
         with torch.no_grad():
-            q = sinkhorn(self.prototypes(F.normalize(self.backbone(x), dim=-1)) / 0.05)
+            s = self.prototypes(F.normalize(self.backbone(x), dim=-1)) / 0.05
+            q = sinkhorn(torch.exp(s - s.max()))
         loss = -(q * torch.log(p + 1e-8)).sum(1).mean()
         return {"loss": loss, "student_probs": p.detach(), "teacher_targets": q, "projections": z.detach(),
                 "labels": y, "entropy": -(p * torch.log(p + 1e-8)).sum(1).mean().detach()}
@@ -136,7 +126,8 @@ class NonLeafPrototypes(SwAVLike):
         z = F.normalize(self.backbone(x + 0.1 * torch.randn_like(x)), dim=-1)
         p = torch.softmax(z @ F.normalize(self.prototypes, dim=-1).T / 0.1, dim=-1)
         with torch.no_grad():
-            q = sinkhorn(F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T / 0.05)
+            s = F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T / 0.05
+            q = sinkhorn(torch.exp(s - s.max()))
         return -(q * torch.log(p + 1e-8)).sum(1).mean()
 
 
@@ -201,7 +192,8 @@ class FreeProtos(SwAVLike):
         z = F.normalize(self.backbone(x + 0.1 * torch.randn_like(x)), dim=-1)
         p = torch.softmax(z @ F.normalize(self.free, dim=-1).T / 0.1, dim=-1)
         with torch.no_grad():
-            q = sinkhorn(F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.free, dim=-1).T / 0.05)
+            s = F.normalize(self.backbone(x), dim=-1) @ F.normalize(self.free, dim=-1).T / 0.05
+            q = sinkhorn(torch.exp(s - s.max()))
         return -(q * torch.log(p + 1e-8)).sum(1).mean()
 
     def configure_optimizers(self):
