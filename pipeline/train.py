@@ -375,6 +375,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                   f"continue with resume=true", file=sys.stderr)
         hub.close()
         if world > 1:
+            dist.barrier()  # every rank done before the group is torn down
             dist.destroy_process_group()
         result.update({"step": step, "stopped_by": stopped_by, "checkpoint": str(ckpt_path)})
         return result
@@ -408,6 +409,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
         result["wandb_run_dir"] = wandb_sink.run_dir
     hub.close()
     if world > 1:
+        dist.barrier()  # rank 0 may still be evaluating: tear the group down together
         dist.destroy_process_group()
     return result
 
