@@ -49,8 +49,20 @@ def test_training_end_to_end_through_real_wandb(micro):
         assert k in keys, k
     summary = wandb_summary(res["wandb_run_dir"])
     assert 0.0 <= summary["eval/eer"] <= 1.0 and 0.0 <= summary["eval/eer_at_init"] <= 1.0
+    assert summary["eval/eer"] == res["eval/eer"]
     assert summary["health/errors"] == 0 and summary["health/warnings"] == 0
     assert summary["health/codes"] == []
+
+
+def test_evaluate_command_reproduces_the_final_eer(micro, capsys):
+    cfg = load_config(TINY, micro + ["max_steps=4", "eval_at_init=false", "monitors=none"])
+    res = train(cfg)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(Path(cfg.exp_dir) / "checkpoint.pt")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 4 and out["eer"] == pytest.approx(res["eval/eer"], abs=1e-9)
+    assert main(["evaluate", "--checkpoint", str(Path(cfg.exp_dir) / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
