@@ -84,9 +84,7 @@ class WandbSink:
                     out[k] = wandb.Image(v.array(), caption=v.caption)
                 elif isinstance(v, Table):
                     out[k] = wandb.Table(columns=list(v.columns), data=[list(r) for r in v.rows])
-                elif isinstance(v, float) and not math.isfinite(v):
-                    out[k] = v  # W&B accepts nan/inf scalars
-                else:
+                else:  # numbers (W&B accepts nan/inf scalars)
                     out[k] = v
             self.run.log(out)
 

@@ -22,7 +22,7 @@ from monitors.sinks import LocalSink, WandbSink
 from . import checkpoint as ckpt
 from .config import Config
 from .data import Fbank, SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir
-from .evaluate import evaluate_dir, extract_embeddings
+from .evaluate import evaluate_embeddings, extract_embeddings
 from .loss import SDPNLoss
 from .models import build_model, ema_update, init_prototypes, param_groups
 from .schedules import cosine_schedule
@@ -257,17 +257,22 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
             ckpt.save_atomic(state, ckpt_path)
 
     def evaluate(model: torch.nn.Module, tag: str) -> dict[str, float]:
-        """EER/minDCF of the backbone on the evaluation trials; head outputs go to on_embeddings."""
+        """EER/minDCF of the backbone on the evaluation trials; at the end, the head outputs of
+        the same embeddings go to on_embeddings (one pass over the audio serves both)."""
         if eval_data is None or rank != 0:
             return {}
         was_training = model.training
         model.eval()
-        max_s = cfg.eval_max_seconds or None
-        res = evaluate_dir(lambda x: model.backbone(x), eval_dir, device=device, fbank=fbank)
-        if tag == "final":  # the speaker embeddings in the prototypes' space, for the t-SNE
-            z = extract_embeddings(lambda x: model(x)[1], eval_data, fbank, device=device, max_seconds=max_s)
-            utts = list(z)
-            ctx.embeddings = torch.stack([z[u] for u in utts]).to(device)
+        final = tag == "final"
+        trial_utts = list(dict.fromkeys(u for _, a, b in eval_data.trials for u in (a, b)))
+        emb = extract_embeddings(model.backbone, eval_data, fbank, device=device,
+                                 max_seconds=cfg.eval_max_seconds or None,
+                                 utts=None if final else trial_utts)       # utt -> (E,)
+        res = evaluate_embeddings(emb, eval_data.trials)
+        if final:  # the speaker embeddings in the prototypes' space, for the t-SNE
+            utts = list(emb)
+            with torch.no_grad():  # eval mode: the head maps each row as it would one at a time
+                ctx.embeddings = model.head(torch.stack([emb[u] for u in utts]).to(device))  # (N, D)
             ctx.labels = [eval_data.utt2spk[u] for u in utts]
             hub.emit("on_embeddings", ctx)
             ctx.embeddings, ctx.labels = None, None
