@@ -7,13 +7,8 @@ from .events import EVENTS, RunContext, StepOutputs
 from .finding import Finding
 from .hub import MonitorHub
 from .registry import REGISTRY, build_monitors
-
-
-def attach(*args, **kwargs):
-    """Attach the monitors to an existing training loop with one line (see monitors.attach)."""
-    from .attach import attach as _attach
-
-    return _attach(*args, **kwargs)
+# bound after the submodule of the same name is loaded: ``monitors.attach`` stays the function
+from .attach import attach  # noqa: E402
 
 
 __all__ = ["attach", "Monitor", "MonitorHub", "Finding", "RunContext", "StepOutputs", "EVENTS",

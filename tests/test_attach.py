@@ -85,6 +85,21 @@ def opts(**kw: Any) -> dict:
     return dict(run=False, sinks=[RecSink()], console=False, log_every=5, tsne={"background": False}, **kw)
 
 
+def test_monitors_attach_stays_the_function_after_a_call():
+    """``import monitors; monitors.attach(...)`` works every time (the package attribute once became
+    the submodule of the same name after the first call)."""
+    import importlib
+
+    import monitors
+
+    module = importlib.import_module("monitors.attach")
+
+    student, P, opt = make()
+    monitors.attach(opt, P, **opts()).close()
+    assert monitors.attach is module.attach and callable(monitors.attach)
+    monitors.attach(opt, P, **opts()).close()
+
+
 # -- faults found -----------------------------------------------------------------------------
 def test_healthy_loop_raises_nothing_and_logs_the_metrics():
     student, P, opt = make(momentum=0.9)
