@@ -9,8 +9,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .base import Metrics, Monitor
+from .base import Metrics, Monitor, positive_int
 from .events import RunContext
+from .media import VectorStat
+from .shared import work_dtype
 
 _TINY = 1e-12
 
@@ -22,7 +24,8 @@ class DeltaMonitor(Monitor):
     ``proto/delta/norm`` (``||U||``), ``proto/delta/relative`` (``||U|| / ||P_old||``),
     ``proto/delta/per_proto_mean`` and ``/per_proto_max`` (row norms of U),
     ``proto/delta/moved`` (rows of P with a nonzero update, float) and
-    ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``).
+    ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve: every ``drift_every``
+    steps and at the end of training, since it is the costliest of these on a small model).
 
     For other monitors: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last step
     measured, and :attr:`last_proto_norms` (K,), all on the device.
@@ -32,12 +35,12 @@ class DeltaMonitor(Monitor):
 
     name = "deltas"
 
-    def __init__(self, every_n_steps: Optional[int] = None) -> None:
+    def __init__(self, every_n_steps: Optional[int] = None, drift_every: int = 10) -> None:
         super().__init__(every_n_steps)
+        self.drift_every = positive_int(type(self).__name__, "drift_every", drift_every)
         self._init: Optional[torch.Tensor] = None       # (K, D) prototypes at train start
         self._init_norm: Optional[torch.Tensor] = None  # 0-dim, ||P_init||
-        self._prev: Optional[torch.Tensor] = None       # (K, D) snapshot before step()
-        self._scratch: Optional[torch.Tensor] = None    # (K, D) float32 work buffer
+        self._old_norm: Optional[torch.Tensor] = None   # 0-dim ||P|| before step()
         self._snapshot_step: Optional[int] = None
         self.last_update_norms: Optional[torch.Tensor] = None
         self.last_delta_norm: Optional[torch.Tensor] = None
@@ -48,7 +51,7 @@ class DeltaMonitor(Monitor):
         """(K,) row norms of the prototypes as they are now (computed on demand, on the device)."""
         if self._last_P is None:
             return None
-        return torch.linalg.vector_norm(self._last_P, dim=1, dtype=torch.float32)
+        return torch.linalg.vector_norm(self._last_P, dim=1, dtype=work_dtype(self._last_P.dtype))
 
     # -- snapshots --------------------------------------------------------------------------
     def _ensure_init(self, P: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,8 @@ class DeltaMonitor(Monitor):
         elif self._init.device != P.device or self._init.dtype != P.dtype:
             self._init = self._init.to(device=P.device, dtype=P.dtype)
             self._init_norm = None
-        if self._init_norm is None:
-            self._init_norm = torch.linalg.vector_norm(self._init, dtype=torch.float32)
+        if self._init_norm is None:  # clamped: an all-zero init gives a finite drift
+            self._init_norm = torch.linalg.vector_norm(self._init, dtype=work_dtype(self._init.dtype)).clamp_min(_TINY)
         return self._init
 
     def on_train_start(self, ctx: RunContext) -> Metrics:
@@ -67,46 +70,49 @@ class DeltaMonitor(Monitor):
         return None
 
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
-        P = ctx.prototypes.detach()
-        self._ensure_init(P)
-        prev = self._prev
-        if prev is None or prev.shape != P.shape or prev.device != P.device or prev.dtype != P.dtype:
-            self._prev = prev = torch.empty_like(P, memory_format=torch.contiguous_format)
-            self._scratch = torch.empty(P.shape, device=P.device, dtype=torch.float32)
-        prev.copy_(P)
+        self._ensure_init(ctx.prototypes.detach())
+        ctx.shared.snapshot(ctx)                       # shared with the health doctor
+        self._old_norm = ctx.shared.norm(ctx)          # ||P_old||, shared with the gradient monitor
         self._snapshot_step = ctx.step
         return None
 
     # -- the update -------------------------------------------------------------------------
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
-        P = ctx.prototypes.detach()
-        prev, scratch = self._prev, self._scratch
-        if self._snapshot_step != ctx.step or prev is None or prev.shape != P.shape:
+        if self._snapshot_step != ctx.step:
             return None
         self._snapshot_step = None
-        init = self._ensure_init(P)
-
-        torch.sub(P, prev, out=scratch)                                     # U, (K, D) float32
-        per = torch.linalg.vector_norm(scratch, dim=1)                      # (K,)
-        total = torch.linalg.vector_norm(per)
-        old_norm = torch.linalg.vector_norm(prev, dtype=torch.float32)
-        # a row moved iff its update norm is > 0 (exact: an element change small enough for
-        # its square to underflow would need |P_kd| < ~1e-19); ~20x cheaper on CPU than ne().any()
-        moved = (per > 0).sum().to(torch.float32)
-        torch.sub(P, init, out=scratch)                                     # P - P_init
-        drift = torch.linalg.vector_norm(scratch) / self._init_norm.clamp_min(_TINY)
-
+        per = ctx.shared.update_row_norms(ctx)        # (K,) ||U_k||
+        if per is None:
+            return None
+        P = ctx.prototypes.detach()
+        total = ctx.shared.update_norm(ctx)
         self.last_update_norms = per
         self.last_delta_norm = total
         self._last_P = P
-        return {
+        # per-row statistics are reduced by the hub at the log interval (VectorStat)
+        out = {
             "proto/delta/norm": total,
-            "proto/delta/relative": total / old_norm.clamp_min(_TINY),
-            "proto/delta/per_proto_mean": per.mean(),
-            "proto/delta/per_proto_max": per.amax(),
-            "proto/delta/moved": moved,
-            "proto/delta/drift": drift,
+            "proto/delta/relative": total / self._old_norm.clamp_min(_TINY),
+            "proto/delta/per_proto_mean": VectorStat(per, "mean"),
+            "proto/delta/per_proto_max": VectorStat(per, "max"),
+            "proto/delta/moved": VectorStat(per, "nonzero"),  # rows with a non-zero update
         }
+        if ctx.step % self.drift_every == 0:
+            out["proto/delta/drift"] = self._drift(P)
+        return out
+
+    def _drift(self, P: torch.Tensor) -> torch.Tensor:
+        init = self._ensure_init(P)
+        if P.dtype in (torch.float32, torch.float64):
+            dist = torch.dist(P, init)                 # ||P - P_init||, no temporary
+        else:
+            dist = torch.linalg.vector_norm(P.float() - init.float())
+        return dist / self._init_norm
+
+    def on_train_end(self, ctx: RunContext) -> Metrics:
+        if self._init is None or self._init.shape != ctx.prototypes.shape:
+            return None
+        return {"proto/delta/drift": self._drift(ctx.prototypes.detach())}  # the final value
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

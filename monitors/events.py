@@ -11,6 +11,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .shared import SharedComputations
+
 #: Events in the order one optimizer step emits them (train start/end and checkpoints aside).
 EVENTS: tuple[str, ...] = (
     "on_train_start",            # once, before the first step
@@ -74,6 +76,9 @@ class RunContext:
     exp_dir: Optional[str] = None
     #: free-form values an integration shares with its monitors
     extra: dict[str, Any] = field(default_factory=dict)
+    #: statistics several monitors need in the same event, computed once (the hub resets it
+    #: before each event); see :mod:`monitors.shared`
+    shared: SharedComputations = field(default_factory=SharedComputations, repr=False, compare=False)
 
     @property
     def is_main_process(self) -> bool:

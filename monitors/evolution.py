@@ -143,12 +143,15 @@ class EvolutionMonitor(Monitor):
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
         if not self._due(ctx.step):
             return None
+        self._snapshot_step = ctx.step
+        if ctx.prototypes.shape[0] <= self.max_tracked:  # every row: the shared snapshot
+            ctx.shared.snapshot(ctx)
+            return None
         P = self._select(ctx.prototypes.detach())
         if self._prev is None or self._prev.shape != P.shape or self._prev.device != P.device \
                 or self._prev.dtype != P.dtype:
             self._prev = torch.empty_like(P, memory_format=torch.contiguous_format)
         self._prev.copy_(P)
-        self._snapshot_step = ctx.step
         return None
 
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
@@ -156,11 +159,16 @@ class EvolutionMonitor(Monitor):
             return None
         self._snapshot_step = None
         P_full = ctx.prototypes.detach()
+        if P_full.shape[0] <= self.max_tracked:
+            update = ctx.shared.update_row_norms(ctx)
+            if update is not None:
+                self._append(ctx.step, P_full.shape[0], ctx.shared.row_norms(ctx).float(), update.float())
+            return None
         P = self._select(P_full)
-        if P.shape != self._prev.shape:
+        if self._prev is None or P.shape != self._prev.shape:
             return None
         update = torch.linalg.vector_norm(P.to(torch.float32) - self._prev.to(torch.float32), dim=1)
-        norms = torch.linalg.vector_norm(P, dim=1, dtype=torch.float32)
+        norms = torch.linalg.vector_norm(P.to(torch.float32), dim=1)
         self._append(ctx.step, P_full.shape[0], norms, update)
         return None
 

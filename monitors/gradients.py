@@ -7,7 +7,8 @@ import torch
 
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
-from .media import Histogram
+from .media import Histogram, VectorStat
+from .shared import work_dtype
 
 _TINY = 1e-12
 
@@ -21,11 +22,14 @@ def _grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of the concatenation of ``tensors`` as a 0-dim float32 tensor (one fused kernel
-    per device/dtype, no sync)."""
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    """L2 norm of the concatenation of ``tensors`` as a 0-dim tensor (one fused kernel per
+    device/dtype, no sync; half precision is summed in float32, float64 stays float64)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    norms = [n for dt, ts in by_dtype.items() for n in torch._foreach_norm(ts, 2, dtype=work_dtype(dt))]
     dev = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float64) for n in norms]))
 
 
 class GradientMonitor(Monitor):
@@ -54,25 +58,21 @@ class GradientMonitor(Monitor):
         self._last_groups: Optional[int] = None
 
     def on_after_backward(self, ctx: RunContext) -> Metrics:
-        g = _grad_of(ctx.prototypes)
-        if g is None:
+        total = ctx.shared.grad_norm(ctx)
+        if total is None:
             return None
-        return {"proto/grad/raw_norm": torch.linalg.vector_norm(g.detach(), dtype=torch.float32)}
+        return {"proto/grad/raw_norm": total}
 
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
-        P = ctx.prototypes
-        g = _grad_of(P)
-        if g is None:
+        per = ctx.shared.grad_row_norms(ctx)  # (K,), shared with the health doctor
+        if per is None:
             return None
-        g = g.detach()
-        per = torch.linalg.vector_norm(g, dim=1, dtype=torch.float32)      # (K,)
-        total = torch.linalg.vector_norm(per)
-        p_norm = torch.linalg.vector_norm(P.detach(), dtype=torch.float32)
+        total = ctx.shared.grad_norm(ctx)
         out = {
             "proto/grad/norm": total,
-            "proto/grad/per_proto_mean": per.mean(),
-            "proto/grad/per_proto_max": per.amax(),
-            "proto/grad/to_weight": total / p_norm.clamp_min(_TINY),
+            "proto/grad/per_proto_mean": VectorStat(per, "mean"),  # reduced at the log interval
+            "proto/grad/per_proto_max": VectorStat(per, "max"),
+            "proto/grad/to_weight": total / ctx.shared.norm(ctx).clamp_min(_TINY),
         }
         if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
             self._last_hist = ctx.step

@@ -325,16 +325,23 @@ def _distributed_world() -> int:
 
 
 #: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
-#: stuck/gnf: current run of consecutive steps; *_max: longest run in this log interval;
-#: psum: sum of the prototypes over the interval's steps (NaN/Inf sticks); div: largest rank disagreement;
-#: col_*: collapsed steps, identical-rows steps, smallest entropy of the mean assignment.
+#: div: largest rank disagreement; col_*: collapsed steps, identical-rows steps, smallest entropy
+#: of the mean assignment.
 _DEV: dict[str, tuple[torch.dtype, float]] = {
-    "stuck": (torch.int64, 0), "stuck_max": (torch.int64, 0),
-    "gnf": (torch.int64, 0), "gnf_max": (torch.int64, 0),
-    "psum": (torch.float64, 0.0), "div": (torch.float64, 0.0),
+    "div": (torch.float64, 0.0),
     "col_hits": (torch.int64, 0), "col_ident": (torch.int64, 0),
     "col_ent_min": (torch.float32, math.inf),
 }
+
+
+def _longest_run(flags: list[float], run: int) -> tuple[int, int]:
+    """Continue a run of consecutive true ``flags`` (0/1 floats) from ``run``; returns (the run
+    at the end, the longest run seen, which includes the starting run)."""
+    longest = run
+    for f in flags:
+        run = run + 1 if f else 0
+        longest = max(longest, run)
+    return run, longest
 
 
 class HealthDoctor(Monitor):
@@ -414,6 +421,17 @@ class HealthDoctor(Monitor):
         self.collapse_intervals = 0  # consecutive collapsed log intervals
         self.collapse_checked = 0    # steps checked for collapse in this interval
         self._reported: set[tuple[str, str]] = set()
+        # consecutive-step counters, kept on the host and advanced at the log interval from the
+        # observations below: current run and longest run since the last on_log
+        self.stuck_run = self.stuck_longest = 0  # gradient non-zero, value unchanged by step()
+        self.gnf_run = self.gnf_longest = 0      # NaN/Inf gradient
+        self.nonfinite_seen = False              # a NaN/Inf prototype since the last on_log
+        # per-step observations: device tensors other monitors computed anyway (ctx.shared), kept
+        # as they are and read in one transfer at the log interval, so a step costs no kernel here
+        self._obs_gnorm: list[torch.Tensor] = []     # ||grad|| of each step with a gradient
+        self._obs_stuck: list[torch.Tensor] = []     # ||grad|| of each snapshot step ...
+        self._obs_update: list[torch.Tensor] = []    # ... and ||P_after - P_before|| of that step
+        self._obs_rows: list[torch.Tensor] = []      # (K,) row norms at each step end
         # device state: 0-dim tensors, created on the prototypes' device on first use
         self._dev: dict[str, torch.Tensor] = {}
         # per-step scratch (not state)
@@ -422,9 +440,8 @@ class HealthDoctor(Monitor):
         self._grad_checked_step = -1
         self._ab_obs: Optional[tuple[int, bool]] = None  # (step, grad missing) from on_after_backward
         self._bos_step = -1
-        self._snap: Optional[torch.Tensor] = None
         self._snap_step = -1
-        self._grad_zero: Optional[torch.Tensor] = None
+        self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
 
     # -- small helpers ----------------------------------------------------------------------
@@ -636,21 +653,17 @@ class HealthDoctor(Monitor):
         lr = self._check_lr(ctx, group)
         if grad is None:
             return None
-        d = self._devstate(P.device)
-        # few kernel launches per step: one pass over the gradient gives its norm, which is
-        # NaN/Inf iff an entry is (or |g| > ~1e19 in float32), and > 0 iff an entry is non-zero
-        gnorm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
-        finite = gnorm < math.inf  # NaN < inf is False
-        # NaN/Inf gradient: consecutive count (AMP's GradScaler skips isolated ones)
-        d["gnf"].add_(1).masked_fill_(finite, 0)
-        torch.maximum(d["gnf_max"], d["gnf"], out=d["gnf_max"])
-        # snapshot for PROTO_NOT_UPDATING (skipped when lr 0 or frozen: other codes cover it)
+        # the gradient norm (shared with the gradient monitor) is NaN/Inf iff an entry is (or
+        # |g| > ~1e19 in float32) and > 0 iff an entry is non-zero
+        gnorm = ctx.shared.grad_norm(ctx)
+        if gnorm is None:  # a sparse gradient: not checked
+            return None
+        self._obs_gnorm.append(gnorm)
+        # snapshot for PROTO_NOT_UPDATING (skipped when lr 0 or frozen: other codes cover it),
+        # shared with the delta monitor
         if lr != 0.0 and ctx.step >= ctx.freeze_steps:
-            if self._snap is None or self._snap.shape != P.shape or self._snap.device != P.device \
-                    or self._snap.dtype != P.dtype:
-                self._snap = torch.empty_like(P, memory_format=torch.contiguous_format).detach()
-            self._snap.copy_(P.detach())
-            self._grad_zero = ~(gnorm > 0)  # NaN > 0 is False: a NaN step is not "stuck"
+            ctx.shared.snapshot(ctx)
+            self._snap_gnorm = gnorm
             self._snap_step = ctx.step
         return None
 
@@ -658,13 +671,12 @@ class HealthDoctor(Monitor):
         P = ctx.prototypes
         if self._bos_step != ctx.step and self._grad_checked_step != ctx.step and P.is_leaf:
             self._grad_step_check(ctx, P.grad is None)
-        if self._snap_step == ctx.step and self._snap is not None:
-            d = self._devstate(P.device)
-            moved = (P.detach() != self._snap).any()
-            # counter = (counter + 1) * stuck, stuck = gradient non-zero and value unchanged
-            d["stuck"].add_(1).masked_fill_(moved | self._grad_zero, 0)
-            torch.maximum(d["stuck_max"], d["stuck"], out=d["stuck_max"])
+        if self._snap_step == ctx.step:
             self._snap_step = -1
+            update = ctx.shared.update_norm(ctx)  # ||P - snapshot||, shared with the delta monitor
+            if update is not None:
+                self._obs_stuck.append(self._snap_gnorm)
+                self._obs_update.append(update)
         if ctx.step % self.sync_every == 0 and _distributed_world() > 1:
             d = self._devstate(P.device)
             torch.maximum(d["div"], self._replica_gap(P), out=d["div"])
@@ -676,8 +688,9 @@ class HealthDoctor(Monitor):
         if (self._grad_checked_step != ctx.step and self._ab_obs is not None
                 and self._ab_obs[0] == ctx.step):
             self._grad_step_check(ctx, self._ab_obs[1])
-        # a running sum is NaN/Inf iff an entry ever was (prototypes are far below overflow)
-        d["psum"].add_(P.detach().sum(dtype=torch.float64))
+        # the row norms (shared with the norm monitor) are NaN/Inf iff an entry is (or beyond
+        # ~1e19 in float32, where its square overflows)
+        self._obs_rows.append(ctx.shared.row_norms(ctx))
         out = ctx.outputs
         if out is None or ctx.step < self.collapse_warmup:
             return None
@@ -730,28 +743,31 @@ class HealthDoctor(Monitor):
                 best.append(sim.amax(dim=1))
             extra.append((torch.cat(best) > self.dup_cosine).double().mean())
         keys = tuple(_DEV)
+        obs, n_g, n_s = self._observations(P.device)
+        head = len(keys) + len(extra)
         # note: the one CPU-GPU sync point of this monitor per interval
-        values = torch.stack([d[k].double() for k in keys] + extra).cpu().tolist()
+        values = torch.cat([torch.stack([d[k].double() for k in keys] + extra), obs]).cpu().tolist()
         v = dict(zip(keys, values))
+        self._advance(values[head:], n_g, n_s)
         step = ctx.step
 
-        if v["stuck_max"] > self.update_patience:
+        if self.stuck_longest > self.update_patience:
             self._say(ctx, PROTO_NOT_UPDATING, "error", (
                 f"the prototypes had a non-zero gradient but did not change across optimizer.step() "
-                f"for {int(v['stuck_max'])} consecutive steps (up to step {step}): the optimizer that "
+                f"for {self.stuck_longest} consecutive steps (up to step {step}): the optimizer that "
                 f"steps does not update them. Fix: {_fix(PROTO_NOT_UPDATING)}."
             ))
-        if not math.isfinite(v["psum"]):
+        if self.nonfinite_seen:
             self._say(ctx, PROTO_NONFINITE, "error", (
                 f"the prototypes hold NaN/Inf (seen by step {step}): training of the prototypes is "
                 f"lost from there on; resume from an earlier checkpoint. Fix: {_fix(PROTO_NONFINITE)}."
             ))
-        if v["gnf_max"] > self.nonfinite_patience:
+        if self.gnf_longest > self.nonfinite_patience:
             self._say(ctx, PROTO_NONFINITE, "error", (
-                f"the prototypes' gradient was NaN/Inf for {int(v['gnf_max'])} consecutive steps (by "
+                f"the prototypes' gradient was NaN/Inf for {self.gnf_longest} consecutive steps (by "
                 f"step {step}). Fix: {_fix(PROTO_NONFINITE)}."
             ))
-        elif v["gnf_max"] > 0:
+        elif self.gnf_longest > 0:
             self._say(ctx, PROTO_NONFINITE, "info", (
                 f"the prototypes' gradient was NaN/Inf in step(s) up to step {step}; "
                 "isolated ones are normal with AMP (GradScaler skips those steps)."
@@ -782,7 +798,7 @@ class HealthDoctor(Monitor):
             else:
                 self.collapse_intervals = 0
         if extra:
-            nmin, nmax, dup = values[len(keys)], values[len(keys) + 1], values[len(keys) + 2]
+            nmin, nmax, dup = values[len(keys):len(keys) + 3]
             if dup > self.dup_fraction:
                 self._say(ctx, PROTO_DUPLICATES, "warning", (
                     f"{100 * dup:.0f}% of the prototypes have a near-duplicate (cosine > "
@@ -793,16 +809,45 @@ class HealthDoctor(Monitor):
                     f"prototype norms span [{nmin:.3g}, {nmax:.3g}] at step {step}, outside "
                     f"[{self.norm_min:g}, {self.norm_max:g}]. Fix: {_fix(PROTO_NORM_OUT_OF_RANGE)}."
                 ))
-        # reset the interval accumulators (the consecutive counters carry on)
-        d["stuck_max"].copy_(d["stuck"])
-        d["gnf_max"].copy_(d["gnf"])
+        # reset the interval accumulators (the consecutive runs carry on)
+        self.stuck_longest, self.gnf_longest, self.nonfinite_seen = self.stuck_run, self.gnf_run, False
         d["div"].zero_()
         d["col_hits"].zero_()
         d["col_ident"].zero_()
         d["col_ent_min"].fill_(math.inf)
-        d["psum"].zero_()
         self.collapse_checked = 0
         return None
+
+    def _observations(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        """The per-step observations since the last call as one float64 vector of flags on the
+        device (nothing read): NaN/Inf gradient per step (n_g), stuck per snapshot step (n_s),
+        then whether any row norm was NaN/Inf. Returns (flags, n_g, n_s) and clears them."""
+        parts = []
+        n_g, n_s = len(self._obs_gnorm), len(self._obs_stuck)
+        if n_g:
+            parts.append((~(torch.stack(self._obs_gnorm) < math.inf)).double())  # NaN < inf is False
+        if n_s:
+            # stuck: gradient non-zero and value unchanged (an update norm is 0 iff no entry
+            # changed; NaN > 0 and NaN == 0 are False: a NaN step is not "stuck")
+            g, u = torch.stack(self._obs_stuck), torch.stack(self._obs_update)
+            parts.append(((g > 0) & (u == 0)).double())
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        if self._obs_rows:
+            try:
+                total = torch.stack(self._obs_rows).sum(dtype=torch.float64)
+            except RuntimeError:  # K changed within the interval
+                total = torch.stack([r.sum(dtype=torch.float64) for r in self._obs_rows]).sum()
+        parts.append((~torch.isfinite(total)).double().reshape(1))
+        self._obs_gnorm, self._obs_stuck, self._obs_update, self._obs_rows = [], [], [], []
+        return torch.cat([x.to(device) for x in parts]), n_g, n_s
+
+    def _advance(self, flags: list[float], n_g: int, n_s: int) -> None:
+        """Continue the consecutive-step counters with the flags of :meth:`_observations`, read."""
+        self.gnf_run, longest = _longest_run(flags[:n_g], self.gnf_run)
+        self.gnf_longest = max(self.gnf_longest, longest)
+        self.stuck_run, longest = _longest_run(flags[n_g:n_g + n_s], self.stuck_run)
+        self.stuck_longest = max(self.stuck_longest, longest)
+        self.nonfinite_seen = self.nonfinite_seen or bool(flags[n_g + n_s])
 
     def on_save_checkpoint(self, ctx: RunContext) -> Metrics:
         if ctx.checkpoint is None:
@@ -820,7 +865,13 @@ class HealthDoctor(Monitor):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self._obs_gnorm or self._obs_stuck or self._obs_rows:  # read what the steps observed
+            obs, n_g, n_s = self._observations((self._obs_gnorm or self._obs_stuck or self._obs_rows)[0].device)
+            self._advance(obs.cpu().tolist(), n_g, n_s)
         return {
+            "stuck_run": self.stuck_run, "stuck_longest": self.stuck_longest,
+            "gnf_run": self.gnf_run, "gnf_longest": self.gnf_longest,
+            "nonfinite_seen": self.nonfinite_seen,
             "nograd_steps": self.nograd_steps,
             "lr_zero_steps": self.lr_zero_steps,
             "collapse_intervals": self.collapse_intervals,
@@ -836,6 +887,12 @@ class HealthDoctor(Monitor):
         self.collapse_checked = int(state.get("collapse_checked", 0))
         self._reported = {(c, s) for c, s in state.get("reported", [])}
         dev = state.get("device", {})
+        # the counters; checkpoints of before 2026-11-25 kept them on the device
+        self.stuck_run = int(state.get("stuck_run", dev.get("stuck", 0)))
+        self.stuck_longest = int(state.get("stuck_longest", dev.get("stuck_max", 0)))
+        self.gnf_run = int(state.get("gnf_run", dev.get("gnf", 0)))
+        self.gnf_longest = int(state.get("gnf_longest", dev.get("gnf_max", 0)))
+        self.nonfinite_seen = bool(state.get("nonfinite_seen", not math.isfinite(float(dev.get("psum", 0.0)))))
         self._dev = {}
         if dev:
             # moved to the prototypes' device on first use (see _devstate)

@@ -13,7 +13,7 @@ import torch
 from .base import Monitor, check_hook_names
 from .events import EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
 from .finding import Finding
-from .media import Histogram
+from .media import Histogram, VectorStat, reduce_rows
 
 MONITOR_FAILED = "MONITOR_FAILED"
 
@@ -61,7 +61,7 @@ class MonitorHub:
         self._last_flushed_step = -1
         self._summary: dict[str, Any] = {}
         self._closed = False
-        self._hooks: dict[int, frozenset[str]] = {}
+        self._by_hook: dict[str, list[Monitor]] = defaultdict(list)  # hook -> monitors overriding it
         for m in monitors:
             self.add(m)
 
@@ -75,8 +75,9 @@ class MonitorHub:
             raise ValueError(f"two monitors share the name {monitor.state_key!r}: give one another name")
         self.monitors.append(monitor)
         # the hooks it overrides: the base class's no-ops are never called (less per-step Python)
-        self._hooks[id(monitor)] = frozenset(
-            h for h in EVENTS + EXTRA_HOOKS if getattr(type(monitor), h) is not getattr(Monitor, h))
+        for h in EVENTS + EXTRA_HOOKS:
+            if getattr(type(monitor), h) is not getattr(Monitor, h):
+                self._by_hook[h].append(monitor)
         return monitor
 
     def get(self, name: str) -> Optional[Monitor]:
@@ -89,9 +90,10 @@ class MonitorHub:
             raise ValueError(f"unknown event {event!r}; events are {', '.join(EVENTS)}")
         self.ctx = ctx
         t0 = time.perf_counter()
+        ctx.shared.next_event()
         per_step = event in STEP_EVENTS
-        for m in self.monitors:
-            if event not in self._hooks[id(m)] or m.name in self.disabled:
+        for m in self._by_hook.get(event, ()):
+            if m.name in self.disabled:
                 continue
             if per_step and ctx.step % m.every_n_steps != 0:
                 continue
@@ -137,8 +139,9 @@ class MonitorHub:
         the sinks. Called at each log interval, at checkpoints and at the end."""
         ctx = self.ctx
         if ctx is not None:
-            for m in self.monitors:
-                if "on_log" in self._hooks[id(m)] and m.name not in self.disabled:
+            ctx.shared.next_event()
+            for m in self._by_hook.get("on_log", ()):
+                if m.name not in self.disabled:
                     self._call(m, "on_log", ctx)
         rows = sorted(self._rows.items())
         self._rows = defaultdict(dict)
@@ -228,20 +231,35 @@ class MonitorHub:
 
 
 def _to_host(rows: Iterable[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
-    """Replace 0-dim tensors by floats and histogram tensors by arrays, one transfer per device."""
+    """Replace 0-dim tensors and :class:`VectorStat` values by floats and histogram tensors by
+    arrays: the vector statistics of all rows are reduced in one batched call per (device, shape,
+    dtype, statistic), then every value of a device crosses to the host in one transfer."""
     rows = [(s, dict(r)) for s, r in rows]
-    by_device: dict[torch.device, list[tuple[dict, str, torch.Tensor]]] = defaultdict(list)
+    scalars: dict[tuple, list[tuple[dict, str, torch.Tensor]]] = defaultdict(list)
+    vectors: dict[tuple, list[tuple[dict, str, torch.Tensor]]] = defaultdict(list)
     for _, row in rows:
         for k, v in row.items():
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
-                    raise ValueError(f"metric {k!r} is a tensor of shape {tuple(v.shape)}; "
-                                     "return a 0-dim tensor, or wrap values in media.Histogram")
-                by_device[v.device].append((row, k, v))
-    for items in by_device.values():
+                    raise ValueError(f"metric {k!r} is a tensor of shape {tuple(v.shape)}; return a 0-dim "
+                                     "tensor, or wrap values in media.VectorStat or media.Histogram")
+                scalars[(v.device, v.dtype)].append((row, k, v.detach().reshape(1)))
+            elif isinstance(v, VectorStat):
+                x = v.values.detach().reshape(-1)
+                vectors[(x.device, x.numel(), x.dtype, v.stat)].append((row, k, x))
+    # per device: the 1-D pieces to concatenate and, in order, the (row, key) slots they fill
+    pieces: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    slots: dict[torch.device, list[tuple[dict, str]]] = defaultdict(list)
+    for (dev, _), items in scalars.items():
+        pieces[dev].append(torch.cat([x for _, _, x in items]).double())
+        slots[dev].extend((row, k) for row, k, _ in items)
+    for (dev, _, _, stat), items in vectors.items():
+        pieces[dev].append(reduce_rows(torch.stack([x for _, _, x in items]), stat).double())
+        slots[dev].extend((row, k) for row, k, _ in items)
+    for dev, parts in pieces.items():
         # note: this is the one CPU-GPU sync point of the interval
-        values = torch.stack([v.detach().float().reshape(()) for _, _, v in items]).cpu().tolist()
-        for (row, k, _), x in zip(items, values):
+        values = torch.cat(parts).cpu().tolist()
+        for (row, k), x in zip(slots[dev], values):
             row[k] = x
     for _, row in rows:
         for k, v in row.items():

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
-from .media import Histogram
-
+from .media import Histogram, VectorStat
 
 
 class NormMonitor(Monitor):
@@ -26,16 +23,9 @@ class NormMonitor(Monitor):
         self._last_hist: Optional[int] = None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:
-        P = ctx.prototypes.detach()                                        # (K, D)
-        norms = torch.linalg.vector_norm(P, dim=1, dtype=torch.float32)   # (K,)
-        std, mean = torch.std_mean(norms, correction=0)
-        lo, hi = torch.aminmax(norms)
-        out = {
-            "proto/norm/mean": mean,
-            "proto/norm/min": lo,
-            "proto/norm/max": hi,
-            "proto/norm/std": std,
-        }
+        norms = ctx.shared.row_norms(ctx)  # (K,), shared with the other monitors of this event
+        # the statistics are reduced by the hub at the log interval: one pass here per step
+        out: dict = {f"proto/norm/{stat}": VectorStat(norms, stat) for stat in ("mean", "min", "max", "std")}
         if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
             self._last_hist = ctx.step
             out["proto/norm/hist"] = Histogram(norms)  # fresh tensor: safe to keep until flush

@@ -356,7 +356,7 @@ def test_state_dict_round_trip_keeps_counters():
 
     b = Setup(in_optimizer=False)
     b.hub.load_state_dict(state)
-    assert b.doctor.state_dict()["device"]["stuck"] == 7
+    assert b.doctor.state_dict()["stuck_run"] == 7
     b.run(8, start=7, train_start=False)
     f = b.first("PROTO_NOT_UPDATING", "error")
     assert f is not None and f.step == 14

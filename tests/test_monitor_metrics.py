@@ -18,7 +18,7 @@ from monitors.events import RunContext, StepOutputs
 from monitors.evolution import EvolutionMonitor
 from monitors.gradients import GradientMonitor
 from monitors.hub import MonitorHub
-from monitors.media import Histogram, Image
+from monitors.media import Histogram, Image, VectorStat, reduce_rows
 from monitors.norms import NormMonitor
 from monitors.registry import build_monitors
 from monitors.similarity import SimilarityMonitor
@@ -33,6 +33,9 @@ def ctx_for(P: torch.Tensor, step: int = 0, **kw) -> RunContext:
 
 
 def val(x) -> float:
+    """The value a hook returned: a 0-dim tensor, or a VectorStat reduced as the hub does."""
+    if isinstance(x, VectorStat):
+        return float(reduce_rows(x.values.reshape(1, -1), x.stat)[0])
     assert isinstance(x, torch.Tensor) and x.dim() == 0, f"expected a 0-dim tensor, got {x!r}"
     return float(x)
 
@@ -90,10 +93,11 @@ def test_gradients_absent_or_non_leaf_gives_nothing_and_no_warning():
 def test_deltas_known_update_moved_and_drift_round_trip():
     P = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 0.0]])  # ||P|| = 3
     m = DeltaMonitor()
-    m.on_train_start(ctx_for(P))
-    m.on_before_optimizer_step(ctx_for(P, step=0))
+    ctx = ctx_for(P)  # one context per run, as a loop keeps it: it holds the shared snapshot
+    m.on_train_start(ctx)
+    m.on_before_optimizer_step(ctx)
     P[0] += torch.tensor([3.0, 4.0])                                      # one row moves by 5
-    out = m.on_after_optimizer_step(ctx_for(P, step=0))
+    out = m.on_after_optimizer_step(ctx)
     assert val(out["proto/delta/norm"]) == pytest.approx(5.0)
     assert val(out["proto/delta/relative"]) == pytest.approx(5.0 / 3.0)
     assert val(out["proto/delta/per_proto_mean"]) == pytest.approx(5.0 / 4)
@@ -105,21 +109,25 @@ def test_deltas_known_update_moved_and_drift_round_trip():
     assert val(m.last_delta_norm) == pytest.approx(5.0)
 
     # a tiny change still counts as moved; no snapshot for this step -> nothing
-    assert m.on_after_optimizer_step(ctx_for(P, step=1)) is None
-    m.on_before_optimizer_step(ctx_for(P, step=1))
+    ctx.step = 1
+    assert m.on_after_optimizer_step(ctx) is None
+    m.on_before_optimizer_step(ctx)
     P[3, 1] = 1e-12
-    assert val(m.on_after_optimizer_step(ctx_for(P, step=1))["proto/delta/moved"]) == 1.0
+    out1 = m.on_after_optimizer_step(ctx)
+    assert val(out1["proto/delta/moved"]) == 1.0
+    assert "proto/delta/drift" not in out1                             # every drift_every=10 steps
 
     # resume: drift keeps measuring against the original init, not the resumed prototypes
     state = m.state_dict()
     assert state["init"].device.type == "cpu"
     m2 = DeltaMonitor()
     m2.load_state_dict(state)
-    m2.on_train_start(ctx_for(P, step=2))
-    m2.on_before_optimizer_step(ctx_for(P, step=2))
-    out2 = m2.on_after_optimizer_step(ctx_for(P, step=2))
+    ctx2 = ctx_for(P, step=2)
+    m2.on_train_start(ctx2)
+    m2.on_before_optimizer_step(ctx2)
+    out2 = m2.on_after_optimizer_step(ctx2)
     assert val(out2["proto/delta/norm"]) == 0.0 and val(out2["proto/delta/moved"]) == 0.0
-    assert val(out2["proto/delta/drift"]) == pytest.approx(5.0 / 3.0)
+    assert val(m2.on_train_end(ctx2)["proto/delta/drift"]) == pytest.approx(5.0 / 3.0)
 
 
 # -- usage -----------------------------------------------------------------------------------
@@ -202,9 +210,10 @@ def test_similarity_subset_is_fixed_and_bounded():
 
 # -- evolution -------------------------------------------------------------------------------
 def _evo_step(m: EvolutionMonitor, P: torch.Tensor, step: int, delta: torch.Tensor) -> None:
-    m.on_before_optimizer_step(ctx_for(P, step=step))
+    ctx = ctx_for(P, step=step)  # before and after see one context, as in a loop
+    m.on_before_optimizer_step(ctx)
     P += delta
-    m.on_after_optimizer_step(ctx_for(P, step=step))
+    m.on_after_optimizer_step(ctx)
 
 
 def test_evolution_records_compacts_renders_and_resumes():
@@ -291,7 +300,7 @@ def _check_values(out) -> None:
         if isinstance(v, torch.Tensor):
             assert v.dim() == 0, f"{k} has shape {tuple(v.shape)}"
         else:
-            assert isinstance(v, (int, float, Histogram)), f"{k} is {type(v).__name__}"
+            assert isinstance(v, (int, float, Histogram, VectorStat)), f"{k} is {type(v).__name__}"
 
 
 def test_no_sync_guard_catches_syncs():
