@@ -369,6 +369,8 @@ class HealthDoctor(Monitor):
         dup_cosine, dup_fraction: PROTO_DUPLICATES when more than ``dup_fraction`` of the
             prototypes have another one at cosine > ``dup_cosine``.
         dup_max_rows: rows compared against all others (a random subset when K is larger).
+        dup_every: run that O(K^2 D) comparison at the first log interval and then at most every
+            n steps (near-duplicates build up slowly; every interval cost ~1 ms at K=512).
         norm_min, norm_max: the allowed range of prototype norms.
     """
 
@@ -391,6 +393,7 @@ class HealthDoctor(Monitor):
         dup_cosine: float = 0.99,
         dup_fraction: float = 0.1,
         dup_max_rows: int = 4096,
+        dup_every: int = 50,
         norm_min: float = 1e-4,
         norm_max: float = 1e3,
     ) -> None:
@@ -410,6 +413,7 @@ class HealthDoctor(Monitor):
         self.dup_cosine = _check_float(owner, "dup_cosine", dup_cosine, -1.0, 1.0)
         self.dup_fraction = _check_float(owner, "dup_fraction", dup_fraction, 0.0, 1.0)
         self.dup_max_rows = _check_int(owner, "dup_max_rows", dup_max_rows, 1)
+        self.dup_every = _check_int(owner, "dup_every", dup_every, 1)
         self.norm_min = _check_float(owner, "norm_min", norm_min, 0.0)
         self.norm_max = _check_float(owner, "norm_max", norm_max, 0.0)
         if self.norm_max <= self.norm_min:
@@ -440,6 +444,7 @@ class HealthDoctor(Monitor):
         self._grad_checked_step = -1
         self._ab_obs: Optional[tuple[int, bool]] = None  # (step, grad missing) from on_after_backward
         self._bos_step = -1
+        self._last_dup: Optional[int] = None  # step of the last duplicate check
         self._snap_step = -1
         self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
@@ -725,10 +730,13 @@ class HealthDoctor(Monitor):
         K = P.shape[0]
         # cheap O(K^2 D) statistics at the interval, read together with the accumulators
         extra: list[torch.Tensor] = []
+        dup_due = self._last_dup is None or ctx.step - self._last_dup >= self.dup_every
         if P.dim() == 2 and K >= 2:
             Pf = P.float()
             norms = Pf.norm(dim=1)
             extra += [norms.min().double(), norms.max().double()]
+        if P.dim() == 2 and K >= 2 and dup_due:
+            self._last_dup = ctx.step
             Pn = Pf / norms.clamp_min(1e-12)[:, None]
             if K > self.dup_max_rows:
                 g = torch.Generator().manual_seed(ctx.step)
@@ -798,7 +806,8 @@ class HealthDoctor(Monitor):
             else:
                 self.collapse_intervals = 0
         if extra:
-            nmin, nmax, dup = values[len(keys):len(keys) + 3]
+            nmin, nmax = values[len(keys):len(keys) + 2]
+            dup = values[len(keys) + 2] if len(extra) == 3 else 0.0
             if dup > self.dup_fraction:
                 self._say(ctx, PROTO_DUPLICATES, "warning", (
                     f"{100 * dup:.0f}% of the prototypes have a near-duplicate (cosine > "
