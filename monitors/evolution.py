@@ -140,6 +140,12 @@ class EvolutionMonitor(Monitor):
     def _due(self, step: int) -> bool:
         return self._last_record is None or step - self._last_record >= self.every_n_steps * self._stride
 
+    def on_train_start(self, ctx: RunContext) -> Metrics:
+        # import the renderer now, before the first step: ~0.5 s once, which would otherwise
+        # stall the step of the first render in the middle of training
+        _new_figure("")
+        return None
+
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
         if not self._due(ctx.step):
             return None
