@@ -15,6 +15,10 @@ from .finding import Finding
 from .media import Histogram, Image, Table
 
 STEP_KEY = "trainer/step"
+#: the namespaces put on STEP_KEY in a run the hub does not own (a run passed in, a Lightning
+#: WandbLogger's): the user's own metrics keep the axis they have (Lightning: "*" on
+#: trainer/global_step)
+SHARED_RUN_GLOBS: tuple[str, ...] = ("proto/*", "health/*", "perf/*", "grad/*")
 
 
 def _safe_name(key: str) -> str:
@@ -22,7 +26,8 @@ def _safe_name(key: str) -> str:
 
 
 class WandbSink:
-    """Writes rows to one W&B run, with every metric on the shared ``trainer/step`` axis.
+    """Writes rows to one W&B run, with every metric on the shared ``trainer/step`` axis (in a
+    run passed in, the monitors' namespaces :data:`SHARED_RUN_GLOBS` only).
 
     ``run=None`` opens a run lazily on first use, offline unless ``mode`` says otherwise (no
     account, no network). Pass ``run_id`` with ``resume=True`` to continue a run.
@@ -52,7 +57,8 @@ class WandbSink:
             self._run = wandb.init(**kwargs, settings=wandb.Settings(silent=True, console="off"))
         if not self._defined:
             self._run.define_metric(STEP_KEY)
-            self._run.define_metric("*", step_metric=STEP_KEY)
+            for glob in ("*",) if self._owns_run else SHARED_RUN_GLOBS:
+                self._run.define_metric(glob, step_metric=STEP_KEY)
             self._defined = True
         return self._run
 

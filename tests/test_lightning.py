@@ -219,3 +219,39 @@ def test_bad_arguments():
         PrototypeMonitorCallback("prototypes", log_evry=3)
     with pytest.raises(TypeError, match="attribute path"):
         PrototypeMonitorCallback(torch.randn(K, D))
+
+
+class Logging(SwAVLike):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.log("train_loss", out["loss"])
+        return out
+
+
+def test_shared_wandb_logger_run_keeps_its_own_step_axis(tmp_path):
+    """With a WandbLogger the callback writes into the logger's run (real W&B, offline, read back):
+    the monitors' metrics go on trainer/step, the user's own keep Lightning's axis."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from conftest import history_keys, wandb_records
+
+    logger = WandbLogger(project="protowatch-test", save_dir=str(tmp_path), offline=True)
+    cb = PrototypeMonitorCallback("prototypes", console=False, log_every=5, tsne={"background": False})
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=logger, callbacks=[cb],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Logging(), loader())
+    run_dir = next((tmp_path / "wandb").glob(f"offline-run-*-{logger.experiment.id}"))
+    logger.experiment.finish()
+    records = wandb_records(run_dir)
+    axes = {(m.get("glob_name") or m.get("name")): m.get("step_metric")
+            for m in (r["metric"] for r in records if r.get("type") == "metric")}
+    assert axes["*"] == "trainer/global_step", axes          # Lightning's own definition stands
+    for glob in ("proto/*", "health/*", "perf/*", "grad/*"):
+        assert axes[glob] == "trainer/step", axes
+    keys = history_keys(records)
+    assert {"train_loss", "trainer/global_step", "proto/norm/mean", "trainer/step"} <= keys
+    assert bad_codes(cb) == set()
