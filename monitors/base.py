@@ -93,6 +93,13 @@ class Monitor:
     def on_log(self, ctx: RunContext) -> Metrics:
         """Called at each log interval; the only hook that may read device values."""
 
+    def on_collective(self, ctx: RunContext) -> Metrics:
+        """Under torch.distributed: called on every rank at train start and right after
+        ``optimizer.step()`` (before that event's other hooks), every step, and still after the
+        monitor was switched off for raising elsewhere, so that no rank waits forever for one that
+        stopped calling. Put the monitor's collectives here, and nothing that can fail on one rank
+        only. At train start it may read device values; after a step it must not."""
+
 
 _BASE_HOOKS = set(EVENTS) | set(EXTRA_HOOKS)
 

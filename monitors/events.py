@@ -31,8 +31,13 @@ STEP_EVENTS: frozenset[str] = frozenset(
     {"on_after_backward", "on_before_optimizer_step", "on_after_optimizer_step", "on_step_end"}
 )
 
-#: Hooks a monitor may define besides the events: called by the hub at each log interval.
-EXTRA_HOOKS: tuple[str, ...] = ("on_log",)
+#: Hooks a monitor may define besides the events: ``on_log`` at each log interval;
+#: ``on_collective`` on every rank at the start of :data:`COLLECTIVE_EVENTS`, also for a monitor
+#: switched off for raising, so that the ranks keep meeting in its collectives.
+EXTRA_HOOKS: tuple[str, ...] = ("on_log", "on_collective")
+
+#: The events that begin with the ``on_collective`` hooks.
+COLLECTIVE_EVENTS: tuple[str, ...] = ("on_train_start", "on_after_optimizer_step")
 
 
 @dataclass(frozen=True)

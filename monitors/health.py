@@ -445,6 +445,7 @@ class HealthDoctor(Monitor):
         self._ab_obs: Optional[tuple[int, bool]] = None  # (step, grad missing) from on_after_backward
         self._bos_step = -1
         self._last_dup: Optional[int] = None  # step of the last duplicate check
+        self._collective_started = False      # the first on_collective compares the initial values
         self._snap_step = -1
         self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
@@ -627,7 +628,16 @@ class HealthDoctor(Monitor):
                 f"the prototypes hold NaN/Inf before training starts: check their initialisation. "
                 f"Fix: {_fix(PROTO_NONFINITE)}."
             ))
-        if _distributed_world() > 1:
+        return None
+
+    def on_collective(self, ctx: RunContext) -> Metrics:
+        """The replica comparison (a collective), called by the hub on every rank even if this
+        monitor was switched off on one: first at train start, then every ``sync_every`` steps."""
+        if _distributed_world() <= 1:
+            return None
+        P = ctx.prototypes
+        if not self._collective_started:  # train start: reading the value is allowed
+            self._collective_started = True
             gap = float(self._replica_gap(P))
             if gap > self.sync_tol:
                 self._say(ctx, PROTO_REPLICAS_DIVERGED, "error", (
@@ -636,6 +646,9 @@ class HealthDoctor(Monitor):
                     "before creating them, or broadcast them from rank 0 after creating them: "
                     "dist.broadcast(prototypes.data, src=0)."
                 ))
+        elif ctx.step % self.sync_every == 0:
+            d = self._devstate(P.device)
+            torch.maximum(d["div"], self._replica_gap(P), out=d["div"])
         return None
 
     def on_after_backward(self, ctx: RunContext) -> Metrics:
@@ -682,9 +695,6 @@ class HealthDoctor(Monitor):
             if update is not None:
                 self._obs_stuck.append(self._snap_gnorm)
                 self._obs_update.append(update)
-        if ctx.step % self.sync_every == 0 and _distributed_world() > 1:
-            d = self._devstate(P.device)
-            torch.maximum(d["div"], self._replica_gap(P), out=d["div"])
         return None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from .base import Monitor, check_hook_names
-from .events import EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
+from .events import COLLECTIVE_EVENTS, EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
 from .finding import Finding
 from .media import Histogram, VectorStat, reduce_rows
 
@@ -92,6 +92,11 @@ class MonitorHub:
         t0 = time.perf_counter()
         ctx.shared.next_event()
         per_step = event in STEP_EVENTS
+        if event in COLLECTIVE_EVENTS:
+            # every rank, every step, switched-off monitors included: a rank that skipped a
+            # collective would leave the others waiting in it
+            for m in self._by_hook.get("on_collective", ()):
+                self._call(m, "on_collective", ctx)
         for m in self._by_hook.get(event, ()):
             if m.name in self.disabled:
                 continue

@@ -5,6 +5,7 @@ MonitorHub with a fake sink, as any training loop would.
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import math
@@ -382,14 +383,23 @@ def test_registry_options_and_codes_documented():
 # -- distributed -----------------------------------------------------------------------------
 def _replica_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # forked child: keep OpenMP out of it
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
     results = {}
     try:
-        for scenario in ("identical", "noise", "init"):
+        for scenario in ("identical", "noise", "init", "raises_on_rank1"):
             torch.manual_seed(0 if scenario != "init" else rank)
             P = nn.Parameter(torch.randn(K, D))
             opt = torch.optim.SGD([P], lr=0.1)
-            hub = MonitorHub([HealthDoctor()], sinks=[FakeSink()], log_every=5, console=None)
+            doctor = HealthDoctor()
+            if scenario == "raises_on_rank1" and rank == 1:  # a bug hit on one rank only
+                def boom(ctx, _orig=doctor.on_before_optimizer_step):
+                    if ctx.step == 2:
+                        raise RuntimeError("only on rank 1")
+                    return _orig(ctx)
+                doctor.on_before_optimizer_step = boom
+            hub = MonitorHub([doctor], sinks=[FakeSink()], log_every=5, console=None)
             ctx = RunContext(prototypes=P, optimizer=opt, rank=rank, world_size=world)
             hub.emit("on_train_start", ctx)
             for step in range(10):
@@ -399,7 +409,7 @@ def _replica_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
                 hub.emit("on_after_backward", ctx)
                 hub.emit("on_before_optimizer_step", ctx)
                 opt.step()
-                if scenario == "noise" and step == 3:
+                if scenario in ("noise", "raises_on_rank1") and step == 3:
                     with torch.no_grad():
                         P.add_(torch.randn(K, D, generator=torch.Generator().manual_seed(rank)) * 1e-3)
                 hub.emit("on_after_optimizer_step", ctx)
@@ -429,3 +439,9 @@ def test_replicas_diverged_two_gloo_processes(tmp_path: Path):
         assert [(f[1], f[2]) for f in noise] == [("error", 9)] and "all_reduce" in noise[0][3]
         init = [f for f in res["init"] if f[0] == "PROTO_REPLICAS_DIVERGED"]
         assert init and init[0][2] == 0 and "broadcast" in init[0][3]
+    # the doctor raised on rank 1 only and was switched off there; rank 1 still takes part in the
+    # replica comparisons, so rank 0 neither hangs nor misses the divergence
+    r0 = json.loads((tmp_path / "rank0.json").read_text())["raises_on_rank1"]
+    r1 = json.loads((tmp_path / "rank1.json").read_text())["raises_on_rank1"]
+    assert [(f[0], f[1], f[2]) for f in r0] == [("PROTO_REPLICAS_DIVERGED", "error", 9)], r0
+    assert [(f[0], f[2]) for f in r1] == [("MONITOR_FAILED", 2)] and "only on rank 1" in r1[0][3]
