@@ -251,6 +251,8 @@ def _to_host(rows: Iterable[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict
                 scalars[(v.device, v.dtype)].append((row, k, v.detach().reshape(1)))
             elif isinstance(v, VectorStat):
                 x = v.values.detach().reshape(-1)
+                if not x.is_floating_point():  # counts, masks
+                    x = x.double()
                 vectors[(x.device, x.numel(), x.dtype, v.stat)].append((row, k, x))
     # per device: the 1-D pieces to concatenate and, in order, the (row, key) slots they fill
     pieces: dict[torch.device, list[torch.Tensor]] = defaultdict(list)

@@ -23,6 +23,8 @@ def test_vector_stats_are_reduced_per_step_at_the_flush():
         hub.log({f"v/{stat}": VectorStat(t, stat) for stat in VECTOR_STATS}, step=step)
         hub.log({"w/mean": VectorStat(torch.arange(step + 1.0), "mean")}, step=step)  # another length each step
     hub.log({"e/max": VectorStat(torch.zeros(0), "max")}, step=0)
+    hub.log({"b/nonzero": VectorStat(torch.tensor([True, False, True]), "nonzero"),
+             "i/mean": VectorStat(torch.tensor([1, 2]), "mean")}, step=0)  # bool and int vectors
     hub.flush()
     rows = dict(sink.rows)
     assert sorted(rows) == [0, 1, 2, 3]
@@ -36,6 +38,7 @@ def test_vector_stats_are_reduced_per_step_at_the_flush():
         assert r["w/mean"] == pytest.approx(step / 2)
     assert rows[1]["v/nonzero"] == 6.0
     assert np.isnan(rows[0]["e/max"])  # an empty vector has no maximum
+    assert rows[0]["b/nonzero"] == 2.0 and rows[0]["i/mean"] == 1.5
 
 
 def test_vector_stat_refuses_an_unknown_statistic():
