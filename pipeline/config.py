@@ -155,17 +155,27 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     )
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str, missing_hint: str, shape: str,
+                      error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """The mapping a YAML file holds, or ``error`` with a one-line message that names the file
+    and the fix (missing file, invalid YAML, not a mapping). ``what``: "config file", "sweep
+    file"; ``missing_hint`` follows "does not exist: "; ``shape`` names what the mapping holds."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass --config experiments/sdpn_tiny.yaml or another YAML file")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} includes itself through 'base'")
+        raise error(f"{what} {path} does not exist: {missing_hint}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise error(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(raw).__name__}")
+        raise error(f"{what} {path} must hold a mapping ({shape}), got {type(raw).__name__}")
+    return raw
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    raw = read_yaml_mapping(path, "config file", "pass --config experiments/sdpn_tiny.yaml or another YAML file",
+                            "key: value")
     base = raw.pop("base", None)
     if base is not None:
         merged = _read_yaml((path.parent / base), seen + (path.resolve(),))

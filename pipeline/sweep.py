@@ -77,6 +77,8 @@ import yaml
 from monitors.dashboard import (STATE_FILE, heatmap_axes, heatmap_grid, heatmap_metrics, read_json,
                                 read_sweep_state, render_heatmap, sweep_rows)
 
+from .config import read_yaml_mapping
+
 __all__ = ["load_sweep", "grid_points", "trial_name", "build_command", "run_sweep", "summarize_sweep",
            "heatmap_grid", "write_summary", "registered_config", "run_sweep_cli"]
 
@@ -104,14 +106,8 @@ class SweepError(ValueError):
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a W&B sweep file; returns the configuration as a dict."""
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file {p} does not exist: e.g. experiments/sweeps/num_proto_x_output_dim.yaml")
-    try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(cfg, dict):
-        raise SweepError(f"sweep file {p} must hold a mapping (method, parameters, ...)")
+    cfg = read_yaml_mapping(p, "sweep file", "e.g. experiments/sweeps/num_proto_x_output_dim.yaml",
+                            "method, parameters, ...", error=SweepError)
     unknown = sorted(set(cfg) - set(SWEEP_KEYS))
     if unknown:
         raise SweepError(f"sweep file {p}: unknown top-level key(s) {unknown}; W&B accepts {', '.join(SWEEP_KEYS)}. "
