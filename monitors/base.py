@@ -59,8 +59,9 @@ class Monitor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    def close(self) -> None:
-        """Finish background work (called by the hub on close)."""
+    def close(self) -> Any:
+        """Finish background work (called by the hub on close). May return metrics, logged at
+        the last flushed step, or a list of (step, metrics) pairs, each logged at its step."""
 
     # -- hooks (no-ops) ---------------------------------------------------------------------
     def on_train_start(self, ctx: RunContext) -> Metrics:

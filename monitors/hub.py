@@ -226,7 +226,10 @@ class MonitorHub:
         for m in self.monitors:
             try:
                 out = m.close()
-                if out:
+                if isinstance(out, list):  # (step, metrics) pairs, e.g. t-SNE frames taken earlier
+                    for step, metrics in out:
+                        self.log(metrics, step=step)
+                elif out:
                     self.log(out, step=max(self._last_flushed_step, 0))
             except Exception as exc:
                 _print_console(f"monitor {m.name!r} failed to close: {exc}")

@@ -172,10 +172,11 @@ class TSNEMonitor(Monitor):
         metrics.update(self._start(job) or {})
         return metrics or None
 
-    def close(self) -> Metrics:
-        """Wait (at most ``close_timeout_s``) for the frame in flight and a queued one, return the
-        last finished frame's metrics, and stop the worker."""
-        metrics: dict[str, Any] = {}
+    def close(self) -> list[tuple[int, dict[str, Any]]]:
+        """Wait (at most ``close_timeout_s``) for the frame in flight and a queued one, stop the
+        worker, and return each frame finished meanwhile as (the step it was taken at, its
+        metrics): the hub logs every one, not only the last."""
+        frames: list[tuple[int, dict[str, Any]]] = []
         deadline = time.monotonic() + self.close_timeout_s
         try:
             while self._future is not None:
@@ -185,14 +186,16 @@ class TSNEMonitor(Monitor):
                     break  # give up on it; the worker is killed below
                 except Exception:
                     pass  # raised by _poll below
-                metrics.update(self._poll() or {})  # also submits a queued job
+                metrics = self._poll()  # also submits a queued job
+                if metrics:
+                    frames.append((int(metrics.get("proto/tsne_step", 0)), metrics))
         finally:
             self._future = None
             self._pending = None
             if self._worker is not None:
                 self._worker.shutdown()
                 self._worker = None
-        return metrics or None
+        return frames
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -193,6 +193,10 @@ def test_background_frames_never_block_training_and_arrive_at_close(tmp_path):
     assert len(logged["proto/tsne_table"].rows) == K + 30  # max_points=30 of the 60 embeddings
     assert logged["proto/tsne_step"] == 9 and logged["proto/tsne_skipped"] >= 1 and sink.closed
     assert [f["step"] for f in mon.frames] == [0, 9] and mon._worker is None
+    # both frames reach the sink, each at the step it was taken at, though both finished at close
+    images = [(step, row["proto/tsne"].caption) for step, row in sink.rows if "proto/tsne" in row]
+    assert [caption for _, caption in images] == ["step 0", "step 9"], images
+    assert images[-1][0] == 9
     assert (tmp_path / "tsne" / "frame_0000000.png").exists() and (tmp_path / "tsne" / "frame_0000009.png").exists()
     assert _proto_disp(mon.frames[0], mon.frames[1]) < 0.2  # the queued frame started from the first
 
