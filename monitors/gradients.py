@@ -8,17 +8,9 @@ import torch
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram, VectorStat
-from .shared import work_dtype
+from .shared import grad_of, work_dtype
 
 _TINY = 1e-12
-
-
-
-def _grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """``t.grad`` without the warning PyTorch prints for a non-leaf tensor (which has none)."""
-    if not t.is_leaf and not t.retains_grad:
-        return None
-    return t.grad
 
 
 def _total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -88,7 +80,7 @@ class GradientMonitor(Monitor):
         for group, params in ctx.param_groups.items():
             grads, weights = [], []
             for p in params:
-                pg = _grad_of(p)
+                pg = grad_of(p)
                 if pg is None or pg.is_sparse:
                     continue
                 grads.append(pg.detach())

@@ -745,21 +745,9 @@ class HealthDoctor(Monitor):
             Pf = P.float()
             norms = Pf.norm(dim=1)
             extra += [norms.min().double(), norms.max().double()]
-        if P.dim() == 2 and K >= 2 and dup_due:
-            self._last_dup = ctx.step
-            Pn = Pf / norms.clamp_min(1e-12)[:, None]
-            if K > self.dup_max_rows:
-                g = torch.Generator().manual_seed(ctx.step)
-                idx = torch.randperm(K, generator=g)[: self.dup_max_rows].to(P.device)
-            else:
-                idx = torch.arange(K, device=P.device)
-            best = []  # per compared row: the largest cosine to another prototype
-            rows = max(1, (1 << 24) // K)  # at most 16M similarities (64 MB) at a time
-            for chunk in idx.split(rows):
-                sim = Pn[chunk] @ Pn.T  # (m, K) cosine
-                sim[torch.arange(chunk.numel(), device=P.device), chunk] = -2.0  # not yourself
-                best.append(sim.amax(dim=1))
-            extra.append((torch.cat(best) > self.dup_cosine).double().mean())
+            if dup_due:
+                self._last_dup = ctx.step
+                extra.append(self._duplicate_fraction(Pf, norms, ctx.step))
         keys = tuple(_DEV)
         obs, n_g, n_s = self._observations(P.device)
         head = len(keys) + len(extra)
@@ -836,6 +824,24 @@ class HealthDoctor(Monitor):
         d["col_ent_min"].fill_(math.inf)
         self.collapse_checked = 0
         return None
+
+    def _duplicate_fraction(self, Pf: torch.Tensor, norms: torch.Tensor, step: int) -> torch.Tensor:
+        """0-dim float64 fraction of the compared rows with another prototype at cosine >
+        ``dup_cosine`` (at most ``dup_max_rows`` rows, a random subset seeded by ``step``)."""
+        K = Pf.shape[0]
+        Pn = Pf / norms.clamp_min(1e-12)[:, None]
+        if K > self.dup_max_rows:
+            g = torch.Generator().manual_seed(step)
+            idx = torch.randperm(K, generator=g)[: self.dup_max_rows].to(Pf.device)
+        else:
+            idx = torch.arange(K, device=Pf.device)
+        best = []  # per compared row: the largest cosine to another prototype
+        rows = max(1, (1 << 24) // K)  # at most 16M similarities (64 MB) at a time
+        for chunk in idx.split(rows):
+            sim = Pn[chunk] @ Pn.T  # (m, K) cosine
+            sim[torch.arange(chunk.numel(), device=Pf.device), chunk] = -2.0  # not yourself
+            best.append(sim.amax(dim=1))
+        return (torch.cat(best) > self.dup_cosine).double().mean()
 
     def _observations(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
         """The per-step observations since the last call as one float64 vector of flags on the

@@ -30,6 +30,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t.grad`` without the warning PyTorch prints for a non-leaf tensor (which has none)."""
+    if not t.is_leaf and not t.retains_grad:
+        return None
+    return t.grad
+
+
 class SharedComputations:
     """Per-event memo of prototype statistics; see the module docstring.
 
@@ -73,10 +80,7 @@ class SharedComputations:
     # -- the gradient -----------------------------------------------------------------------
     @staticmethod
     def _grad(ctx: Any) -> Optional[torch.Tensor]:
-        P = ctx.prototypes
-        if not P.is_leaf and not P.retains_grad:  # a non-leaf has no .grad (and warns if asked)
-            return None
-        g = P.grad
+        g = grad_of(ctx.prototypes)
         return None if g is None or g.is_sparse else g
 
     def grad_row_norms(self, ctx: Any) -> Optional[torch.Tensor]:
