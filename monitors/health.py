@@ -34,6 +34,7 @@ PROTO_NONFINITE = "PROTO_NONFINITE"
 PROTO_COLLAPSE = "PROTO_COLLAPSE"
 PROTO_DUPLICATES = "PROTO_DUPLICATES"
 PROTO_NORM_OUT_OF_RANGE = "PROTO_NORM_OUT_OF_RANGE"
+SINK_FAILED = "SINK_FAILED"  # reported by the hub (monitors/hub.py), not by the doctor
 
 #: code -> (default severity, what it means, the fix). docs/findings.md mirrors this table.
 CODES: dict[str, tuple[str, str, str]] = {
@@ -117,6 +118,13 @@ CODES: dict[str, tuple[str, str, str]] = {
         "the smallest or largest prototype norm is outside [norm_min, norm_max]",
         "set weight decay 0 for the prototypes, L2-normalise them in the forward pass, and "
         "check the lr",
+    ),
+    SINK_FAILED: (
+        "warning",
+        "a sink raised (W&B init timeout or CommError, a full disk) and was switched off, or the "
+        "W&B sink fell back to an offline run; training and the other sinks (local records) go on",
+        "for W&B: upload the offline run later with the printed `wandb sync <run dir>`; check "
+        "the network, WANDB_BASE_URL and wandb_init_timeout; otherwise free disk space",
     ),
 }
 

@@ -16,6 +16,7 @@ from .finding import Finding
 from .media import Histogram, VectorStat, reduce_rows
 
 MONITOR_FAILED = "MONITOR_FAILED"
+SINK_FAILED = "SINK_FAILED"
 
 
 def _print_console(line: str) -> None:
@@ -53,6 +54,7 @@ class MonitorHub:
         self.findings: list[Finding] = []
         self.should_stop = False
         self.disabled: dict[str, str] = {}     # monitor name -> error that switched it off
+        self.failed_sinks: dict[int, str] = {}  # id(sink) -> error that switched it off
         self.last_values: dict[str, float] = {}  # latest host value of every scalar logged
         self.ctx: Optional[RunContext] = None
         self._rows: dict[int, dict[str, Any]] = defaultdict(dict)  # step -> buffered values
@@ -161,11 +163,48 @@ class MonitorHub:
         if self._writes():
             for sink in self.sinks:
                 if host_rows:
-                    sink.log_rows(host_rows)
-                sink.set_summary(dict(self._summary))
+                    self._sink_call(sink, "log_rows", host_rows)
+                self._sink_call(sink, "set_summary", dict(self._summary))
 
     def _writes(self) -> bool:
         return self.ctx is None or self.ctx.is_main_process
+
+    def sink_active(self, sink: Any) -> bool:
+        """False once ``sink`` raised and was switched off."""
+        return id(sink) not in self.failed_sinks
+
+    def _sink_call(self, sink: Any, method: str, *args: Any) -> None:
+        """Call a sink method; a sink that raises never stops training. A sink may recover
+        (``sink.recover(exc) -> str | None``, e.g. W&B falling back to an offline run): the call
+        is then retried once. Either way the failure is reported once (``SINK_FAILED``)."""
+        if id(sink) in self.failed_sinks:
+            return
+        try:
+            getattr(sink, method)(*args)
+            return
+        except Exception as exc:  # W&B init timeout, CommError, a full disk, ...
+            detail = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()[0]
+        name = type(sink).__name__
+        recovered: Optional[str] = None
+        recover = getattr(sink, "recover", None)
+        if recover is not None:
+            try:
+                recovered = recover(detail)
+            except Exception as exc2:
+                detail += f"; recovering failed too ({type(exc2).__name__}: {exc2})"
+        if recovered is not None:
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc3:
+                recovered = None
+                detail += f"; after recovering: {type(exc3).__name__}: {exc3}"
+        if recovered is None:
+            self.failed_sinks[id(sink)] = detail
+            what = "was switched off; training and the other sinks go on"
+        else:
+            what = recovered
+        step = int(self.ctx.step) if self.ctx is not None else max(self._last_flushed_step, 0)
+        self._add_finding(Finding(SINK_FAILED, "warning", step, f"sink {name} raised in {method} ({detail}) and {what}."))
 
     # -- findings ---------------------------------------------------------------------------
     def _add_finding(self, f: Finding) -> None:
@@ -179,7 +218,7 @@ class MonitorHub:
             if self.console is not None:
                 self.console(str(f))
             for sink in self.sinks:
-                sink.alert(f)
+                self._sink_call(sink, "alert", f)
         if f.severity == "error" and self.stop_on_error:
             self.should_stop = True
 
@@ -235,7 +274,7 @@ class MonitorHub:
                 _print_console(f"monitor {m.name!r} failed to close: {exc}")
         self.flush()
         for sink in self.sinks:
-            sink.close()
+            self._sink_call(sink, "close")
 
 
 def _to_host(rows: Iterable[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:

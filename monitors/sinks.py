@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -30,21 +31,32 @@ class WandbSink:
     run passed in, the monitors' namespaces :data:`SHARED_RUN_GLOBS` only).
 
     ``run=None`` opens a run lazily on first use, offline unless ``mode`` says otherwise (no
-    account, no network). Pass ``run_id`` with ``resume=True`` to continue a run.
+    account, no network). Pass ``run_id`` with ``resume=True`` to continue a run. The run id is
+    chosen here (``run_id`` or a new one), so it is known before the run opens and survives a
+    fallback. In online mode ``wandb.init`` waits at most ``init_timeout`` seconds; if it fails,
+    :meth:`recover` (called by the hub) opens an offline run with the same id in the same
+    directory, to upload later with ``wandb sync``.
     """
 
     def __init__(self, run: Any = None, *, project: str = "protowatch", dir: Optional[str] = None,
                  mode: str = "offline", config: Optional[Mapping[str, Any]] = None,
                  run_id: Optional[str] = None, resume: bool = False, name: Optional[str] = None,
-                 group: Optional[str] = None, tags: Optional[list[str]] = None) -> None:
+                 group: Optional[str] = None, tags: Optional[list[str]] = None,
+                 init_timeout: Optional[float] = None) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb mode {mode!r} is not one of offline, online, disabled")
         self._run = run
         self._owns_run = run is None
+        if run is None and run_id is None:
+            from wandb.sdk.lib.runid import generate_id
+
+            run_id = generate_id()
         self._init_kwargs = dict(project=project, dir=dir, mode=mode, config=dict(config or {}),
                                  id=run_id, resume="allow" if resume else None, name=name,
                                  group=group, tags=tags)
+        self._init_timeout = init_timeout
         self._defined = False
+        self.fell_back_offline = False
 
     @property
     def run(self) -> Any:
@@ -54,7 +66,8 @@ class WandbSink:
             kwargs = {k: v for k, v in self._init_kwargs.items() if v is not None}
             if kwargs.get("dir"):
                 os.makedirs(kwargs["dir"], exist_ok=True)
-            self._run = wandb.init(**kwargs, settings=wandb.Settings(silent=True, console="off"))
+            extra = {"init_timeout": self._init_timeout} if self._init_timeout else {}
+            self._run = wandb.init(**kwargs, settings=wandb.Settings(silent=True, console="off", **extra))
         if not self._defined:
             self._run.define_metric(STEP_KEY)
             for glob in ("*",) if self._owns_run else SHARED_RUN_GLOBS:
@@ -64,7 +77,28 @@ class WandbSink:
 
     @property
     def run_id(self) -> str:
+        """The run's id; known before the run opens (no network needed to read it)."""
+        if self._run is None and self._init_kwargs.get("id"):
+            return self._init_kwargs["id"]
         return self.run.id
+
+    def recover(self, error: str) -> Optional[str]:
+        """Called by the hub after a call raised. If an online run could not open (server
+        unreachable, init timeout), open an offline run with the same id in the same directory
+        and say how to upload it; None (switch this sink off) in any other case."""
+        if not self._owns_run or self._run is not None or self._init_kwargs.get("mode") != "online":
+            return None
+        import wandb
+
+        wandb.teardown()  # the failed init left the id registered with this process's service
+        self._init_kwargs["mode"] = "offline"
+        self._init_timeout = None
+        self.fell_back_offline = True
+        run_dir = self.run_dir
+        msg = (f"W&B could not be reached ({error}): logging to the offline run {run_dir} "
+               f"instead; upload it later with: wandb sync {run_dir}")
+        print(f"protowatch: {msg}", file=sys.stderr, flush=True)
+        return f"fell back to the offline run {run_dir} (upload it later with: wandb sync {run_dir})"
 
     @property
     def run_dir(self) -> str:
@@ -118,6 +152,33 @@ class WandbSink:
             self._run.finish()
 
 
+def _end_line(path: Path) -> None:
+    """Append a newline to ``path`` if its last line is unfinished."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
+def check_online_credentials() -> None:
+    """Raise ValueError (one line, with the fix) if W&B online mode has no API key: not in
+    ``WANDB_API_KEY``, not in ``~/.netrc`` (``wandb login``), not in W&B's settings."""
+    import wandb
+    from wandb.sdk.lib.wbauth import authenticate_session
+
+    host = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    try:
+        auth = authenticate_session(host=host, source="protowatch", prompt=False, update_session=False)
+    except Exception as exc:  # a malformed key
+        raise ValueError(f"wandb_mode=online but the W&B credentials for {host} are invalid "
+                         f"({str(exc).splitlines()[0]}): run `wandb login`, or use wandb_mode=offline") from None
+    if auth is None:
+        raise ValueError(f"wandb_mode=online but no W&B API key is configured for {host}: run `wandb login` "
+                         "or set WANDB_API_KEY, or use wandb_mode=offline (wandb sync the run later)")
+
+
 class LocalSink:
     """Plain records under ``directory``: ``metrics.jsonl`` (one line per step, scalars),
     ``media/`` (PNG images, histogram and table JSON), ``media.jsonl`` (an index of media),
@@ -126,6 +187,8 @@ class LocalSink:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         (self.dir / "media").mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "media.jsonl", "findings.jsonl"):
+            _end_line(self.dir / name)  # a run killed mid-line: the next row starts a line of its own
         self._summary: dict[str, Any] = {}
         p = self.dir / "summary.json"
         if p.exists():

@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.get("stopped_by", "").startswith("signal"):
         return 130
     print(json.dumps({k: v for k, v in result.items() if k != "findings"}, indent=1, default=str))
-    return 0
+    return 3 if result.get("stopped_by", "").startswith("non-finite") else 0  # 3: on_nonfinite=stop
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -69,11 +69,15 @@ class Config:
     # -- run ----------------------------------------------------------------------------------
     seed: int = 0
     exp_dir: str = "runs/sdpn"       # checkpoints, W&B run directory, local records
-    resume: bool = False             # continue from exp_dir/checkpoint.pt (same W&B run, same step)
+    resume: bool = False             # continue from the newest good checkpoint in exp_dir (same W&B run, same step)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     threads: int = 0                 # torch CPU threads per process (0: torch's default)
     log_every: int = 10              # steps between two log intervals (one host sync each)
     ckpt_every: int = 100            # steps between periodic checkpoints
+    keep_checkpoints: int = 2        # checkpoint-<step>.pt files kept; checkpoint.pt links the newest
+    on_nonfinite: str = "stop"       # stop | continue: at the log interval that sees NaN/Inf
+                                     # prototypes (PROTO_NONFINITE) or loss; stop keeps the last
+                                     # good checkpoint (nothing non-finite is ever written)
     eval_at_init: bool = True        # evaluate the untrained network too (eval/eer_at_init)
     eval_max_seconds: float = 0.0    # truncate evaluation utterances (0: full length)
     progress: bool = True            # progress bar with loss and steps/s
@@ -83,6 +87,8 @@ class Config:
     wandb_name: str = ""
     wandb_watch: str = ""            # also run wandb.watch(model, log=...): gradients | parameters | all
     wandb_watch_freq: int = 100
+    wandb_init_timeout: float = 60.0  # seconds wandb.init may wait for the server in online mode;
+                                     # then the run falls back to an offline run (wandb sync later)
     monitors: Any = "default"        # "default", "none", a list of names, or {name: {option: value}}
     stop_on_error: bool = False      # stop cleanly (checkpoint first) at an error finding
     # -- reproductions of the original SDPN bugs (experiments/bugs/) --------------------------
@@ -105,6 +111,12 @@ class Config:
             raise ConfigError(f"max_frames must be >= 4, got {self.max_frames}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}: e.g. keep_checkpoints=2")
+        if self.on_nonfinite not in ("stop", "continue"):
+            raise ConfigError(f"on_nonfinite must be stop or continue, got {self.on_nonfinite!r}")
+        if self.wandb_init_timeout <= 0:
+            raise ConfigError(f"wandb_init_timeout must be > 0 seconds, got {self.wandb_init_timeout}")
         if self.wandb_watch not in ("", "gradients", "parameters", "all"):
             raise ConfigError(f"wandb_watch must be '', gradients, parameters or all, got {self.wandb_watch!r}")
         if self.snr_min > self.snr_max:

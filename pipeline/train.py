@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -17,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 
 from monitors import MonitorHub, RunContext, StepOutputs, build_monitors
-from monitors.sinks import LocalSink, WandbSink
+from monitors.sinks import LocalSink, WandbSink, check_online_credentials
 
 from . import checkpoint as ckpt
 from .config import Config
@@ -135,14 +137,51 @@ class _StopSignal:
 # the trainer
 # ----------------------------------------------------------------------------------------------
 def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
-    """Train SDPN as configured. Returns the final metrics (eval/*, step, paths)."""
+    """Train SDPN as configured. Returns the final metrics (eval/*, step, paths).
+
+    Before anything else: W&B online mode needs credentials, and ``exp_dir`` must not be held
+    by a live run (rank 0 holds ``exp_dir/.lock`` while it trains; a killed run's lock is gone)."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if cfg.wandb_mode == "online" and main_rank:
+        check_online_credentials()
+    lock = ckpt.ExpDirLock(cfg.exp_dir).acquire() if main_rank else None
+    try:
+        return _train(cfg, extra_monitors)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume_command(cfg: Config) -> str:
+    """The command that resumes this run: the command line it was started with, plus resume=true."""
+    argv = sys.argv[1:]
+    if sys.argv and sys.argv[0].endswith(os.path.join("pipeline", "__main__.py")) and argv[:1] == ["train"]:
+        args = [a for a in argv[1:] if not a.startswith("resume=")]
+        return shlex.join(["python", "-m", "pipeline", "train", *args, "resume=true"])
+    return f"python -m pipeline train --config <the run's config> {shlex.quote(f'exp_dir={cfg.exp_dir}')} resume=true"
+
+
+def _nonfinite_seen(hub: MonitorHub, since_step: int) -> Optional[str]:
+    """What was non-finite at this log interval (read from host values the hub already has:
+    no extra sync), or None."""
+    loss = hub.last_values.get("train/loss")
+    if loss is not None and not math.isfinite(loss):
+        return f"the loss is {loss}"
+    for f in hub.findings:
+        if f.code == "PROTO_NONFINITE" and f.severity == "error" and f.step >= since_step:
+            return f"PROTO_NONFINITE at step {f.step}"
+    return None
+
+
+def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     exp_dir = Path(cfg.exp_dir)
-    ckpt_path = exp_dir / ckpt.CHECKPOINT_NAME
+    manager = ckpt.CheckpointManager(exp_dir, keep=cfg.keep_checkpoints)
+    ckpt_path = manager.pointer     # checkpoint.pt: a hard link to the newest good checkpoint-<step>.pt
 
     # -- data ------------------------------------------------------------------------------
     train_dir, eval_dir = resolve_data(cfg) if rank == 0 else (None, None)
@@ -195,10 +234,14 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
 
     # -- monitors and sinks --------------------------------------------------------------------
     state: Optional[dict[str, Any]] = None
-    if cfg.resume and ckpt_path.exists():
-        state = ckpt.load(ckpt_path)
+    if rank == 0:
+        manager.clean_temporaries()
+    found = manager.load_newest_good(repoint=rank == 0) if cfg.resume else None
+    if found is not None:
+        state, resumed_from = found
+        ckpt.check_resume_config(state.get("config", {}), cfg.to_dict(), resumed_from)
     elif cfg.resume and rank == 0:
-        print(f"resume=true but {ckpt_path} does not exist yet: starting a new run", file=sys.stderr)
+        print(f"resume=true but {exp_dir} holds no checkpoint yet: starting a new run", file=sys.stderr)
     sinks: list[Any] = []
     wandb_sink: Optional[WandbSink] = None
     if rank == 0:
@@ -206,7 +249,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
             wandb_sink = WandbSink(project=cfg.wandb_project, dir=str(exp_dir), mode=cfg.wandb_mode,
                                    config=cfg.to_dict(), run_id=(state or {}).get("wandb_run_id"),
                                    resume=state is not None, name=cfg.wandb_name or None,
-                                   group=cfg.wandb_group or None)
+                                   group=cfg.wandb_group or None, init_timeout=cfg.wandb_init_timeout)
             sinks.append(wandb_sink)
             if cfg.wandb_watch:  # W&B's own gradient/parameter hooks, for comparison
                 wandb_sink.watch(student, log=cfg.wandb_watch, log_freq=cfg.wandb_watch_freq)
@@ -237,10 +280,13 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
         hub.emit("on_load_checkpoint", ctx)
         ctx.checkpoint = None
         if rank == 0:
-            print(f"resumed from {ckpt_path} at step {start_step}", file=sys.stderr)
+            print(f"resumed from {resumed_from} at step {start_step}", file=sys.stderr)
 
-    def save_checkpoint(step: int) -> None:
-        """All ranks emit the event (monitors may use collectives); rank 0 writes."""
+    last_good = {"step": start_step if state is not None else None}
+
+    def save_checkpoint(step: int, emit: bool = True) -> None:
+        """All ranks emit the event (monitors may use collectives); rank 0 writes, unless the
+        state holds NaN/Inf (one finite check per checkpoint): then the last good one stays."""
         state = {
             "student": student.state_dict(), "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "epoch": step // per_epoch,
@@ -249,12 +295,13 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
         }
         if not cfg.bug_proto_not_in_checkpoint:
             state["prototypes"] = prototypes.detach().cpu()
-        ctx.checkpoint = state
-        hub.emit("on_save_checkpoint", ctx)
-        ctx.checkpoint = None
+        if emit:
+            ctx.checkpoint = state
+            hub.emit("on_save_checkpoint", ctx)
+            ctx.checkpoint = None
         state["monitor_hub"] = hub.state_dict()
-        if rank == 0:
-            ckpt.save_atomic(state, ckpt_path)
+        if rank == 0 and manager.save(state, step) is not None:
+            last_good["step"] = step
 
     def evaluate(model: torch.nn.Module, tag: str) -> dict[str, float]:
         """EER/minDCF of the backbone on the evaluation trials; at the end, the head outputs of
@@ -294,8 +341,13 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
     clip_params = list(student.parameters()) + proto_params
     progress = _Progress(total_steps, start_step, enabled=cfg.progress and rank == 0)
     hub.emit("on_train_start", ctx)
+    if state is None and rank == 0:
+        # the state before the first step: a run that diverges before its first checkpoint can
+        # still resume (written quietly: no on_save_checkpoint event, no flush)
+        save_checkpoint(0, emit=False)
     step = start_step
     stopped_by = None
+    nonfinite: Optional[str] = None
     last_t0: Optional[float] = None
     with _StopSignal() as stop:
         while step < total_steps:
@@ -364,25 +416,39 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                 progress.update(step, hub.last_values)
                 if step % cfg.ckpt_every == 0 and step < total_steps:
                     save_checkpoint(step)
+                if cfg.on_nonfinite == "stop":  # host values of the last flush: no sync here
+                    nonfinite = _nonfinite_seen(hub, start_step)
+                    if nonfinite is not None:
+                        break
             else:
                 continue
             break
-        if stop.signum is not None:
+        if nonfinite is not None:
+            stopped_by = f"non-finite values ({nonfinite}; on_nonfinite=stop)"
+        elif stop.signum is not None:
             stopped_by = f"signal {stop.signum}"
         elif hub.should_stop:
             stopped_by = "an error finding (stop_on_error=true)"
-        save_checkpoint(step)
+        if nonfinite is None:
+            save_checkpoint(step)
     progress.close()
 
     if stopped_by is not None:
-        if rank == 0:
+        if rank == 0 and nonfinite is not None:
+            good = last_good["step"]
+            where = (f"the last good checkpoint is {manager.step_path(good)} (step {good}), linked as {manager.pointer}; "
+                     f"lower lr (now {cfg.lr}) or set clip_grad, then resume from it with: {_resume_command(cfg)}"
+                     if good is not None else "no finite checkpoint was written before: lower lr or set clip_grad and start again")
+            print(f"stopped at step {step} by {stopped_by}; nothing non-finite was saved; {where}", file=sys.stderr)
+        elif rank == 0:
             print(f"stopped at step {step} by {stopped_by}; checkpoint written to {ckpt_path}; "
                   f"continue with resume=true", file=sys.stderr)
         hub.close()
         if world > 1:
             dist.barrier()  # every rank done before the group is torn down
             dist.destroy_process_group()
-        result.update({"step": step, "stopped_by": stopped_by, "checkpoint": str(ckpt_path)})
+        result.update({"step": step, "stopped_by": stopped_by, "checkpoint": str(ckpt_path),
+                       "last_good_step": last_good["step"]})
         return result
 
     if world > 1:  # the replicas must agree: compare every rank's prototypes with rank 0's
@@ -409,7 +475,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
     hub.emit("on_train_end", ctx)
     result.update({"step": step, "checkpoint": str(ckpt_path), "findings": [str(f) for f in hub.findings],
                    "health": hub.health_summary()})
-    if wandb_sink is not None:
+    if wandb_sink is not None and hub.sink_active(wandb_sink):
         result["wandb_run_id"] = wandb_sink.run_id
         result["wandb_run_dir"] = wandb_sink.run_dir
     hub.close()

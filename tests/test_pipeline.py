@@ -88,7 +88,7 @@ def test_sigkill_after_first_checkpoint_resumes(micro, tmp_path):
     args = micro + ["ckpt_every=3", "epochs=50", "eval_at_init=false"]
     proc = _start(args, tmp_path)
     ckpt_path = Path(load_config(TINY, args).exp_dir) / "checkpoint.pt"
-    _wait_for(ckpt_path, proc)
+    _wait_for(ckpt_path.with_name("checkpoint-3.pt"), proc)  # checkpoint-0.pt is there from the start
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     saved = torch.load(ckpt_path, weights_only=False)
