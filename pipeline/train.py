@@ -300,6 +300,11 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
             hub.emit("on_save_checkpoint", ctx)
             ctx.checkpoint = None
         state["monitor_hub"] = hub.state_dict()
+        seen = _nonfinite_seen(hub, start_step) if cfg.on_nonfinite == "stop" else None
+        if seen is not None:  # finite maybe, yet diverged (e.g. 1e28 prototypes): not a good one
+            if rank == 0:
+                print(f"checkpoint of step {step} NOT written: {seen} at this interval", file=sys.stderr)
+            return
         if rank == 0 and manager.save(state, step) is not None:
             last_good["step"] = step
 
