@@ -6,7 +6,8 @@ time; then check that nothing was lost.
 Each round starts ``python -m pipeline train ... resume=true`` (through this script's ``--child``
 mode, which adds a probe monitor) on the same ``exp_dir`` and kills it with SIGKILL:
 
-- ``time``: after a random delay (during start-up, training, a flush or a checkpoint write);
+- ``time``: after a random delay from its launch (often during start-up: imports, data, W&B);
+- ``time-train``: a random 0-3 s after training started (steps, flushes, checkpoint writes);
 - ``mid-write``: the child kills itself halfway through writing a checkpoint's bytes;
 - ``before-rename``: after the step file's bytes are written and fsynced, before its rename;
 - ``before-pointer``: after the rename, before ``checkpoint.pt`` is pointed at the new file;
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 TINY = ROOT / "experiments/sdpn_tiny.yaml"
 WRITE_POINTS = ("mid-write", "before-rename", "before-pointer", "after-pointer")
-POINTS = ("time",) + WRITE_POINTS
+POINTS = ("time-train", "mid-write", "time", "before-rename", "time-train", "before-pointer", "time",
+          "after-pointer")  # the default plan, repeated: half random times, half write points
 
 
 def micro_overrides(data_cache: str, exp_dir: str, steps: int) -> list[str]:
@@ -175,9 +177,12 @@ def run_campaign(kills: int = 10, seed: int = 0, work: str | os.PathLike = "runs
                "--point", point, "--at-save", str(at_save), "--", *overrides]
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        delay = rng.uniform(1.0, max_delay)
+        delay = rng.uniform(1.0, max_delay) if point == "time" else rng.uniform(0.0, 3.0)
         killed_by_us = False
-        if point == "time":
+        if point == "time-train":  # wait for training to start (the probe), then a random delay
+            while not probe.exists() and proc.poll() is None and time.time() - t0 < 300:
+                time.sleep(0.05)
+        if point.startswith("time"):
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
@@ -190,7 +195,7 @@ def run_campaign(kills: int = 10, seed: int = 0, work: str | os.PathLike = "runs
             _, err = proc.communicate()
         rc = proc.returncode
         row: dict[str, Any] = {"round": r, "point": point, "rc": rc, "seconds": round(time.time() - t0, 1)}
-        if point == "time":
+        if point.startswith("time"):
             row["delay"] = round(delay, 2)
         was_killed = rc == -signal.SIGKILL
         # -- the checks of this round's resume (what it started from) ---------------------------

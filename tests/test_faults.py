@@ -175,8 +175,8 @@ def test_fault_injection_fast_subset(data_cache, tmp_path):
     fi = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fi)
     lines: list[str] = []
-    # after the first pointer move, halfway through a write, at a random time
-    res = fi.run_campaign(kills=3, seed=1, work=tmp_path, steps=24, points=["after-pointer", "mid-write", "time"],
+    # after the first pointer move, halfway through a write, at a random time in training
+    res = fi.run_campaign(kills=3, seed=1, work=tmp_path, steps=24, points=["after-pointer", "mid-write", "time-train"],
                           max_delay=6.0, data_cache=data_cache, log=lines.append)
     detail = "\n".join(lines)
     assert res["kills_tried"] >= 2, detail          # the time kill may come after the run ended
