@@ -80,13 +80,14 @@ def nonfinite_tensors(state: Mapping[str, Any], keys: Sequence[str] = ("prototyp
     for key in keys:
         if key in state:
             walk(state[key], key)
-    by_device: dict[torch.device, list[int]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, (_, t) in enumerate(found):
-        by_device.setdefault(t.device, []).append(i)
+        groups.setdefault((t.device, t.dtype), []).append(i)
     bad: list[str] = []
-    for dev, idx in by_device.items():
-        # note: one CPU-GPU sync per device and checkpoint
-        ok = torch.stack([torch.isfinite(found[i][1]).all() for i in idx]).cpu().tolist()
+    for idx in groups.values():
+        # the max-abs norm is NaN/Inf iff some element is; one batched call per (device, dtype)
+        norms = torch._foreach_norm([found[i][1].detach() for i in idx], float("inf"))
+        ok = torch.isfinite(torch.stack(norms)).cpu().tolist()  # note: one CPU-GPU sync per group
         bad += [found[i][0] for i, good in zip(idx, ok) if not good]
     return bad
 
