@@ -163,8 +163,8 @@ class MonitorHub:
         if self._writes():
             for sink in self.sinks:
                 if host_rows:
-                    self._sink_call(sink, "log_rows", host_rows)
-                self._sink_call(sink, "set_summary", dict(self._summary))
+                    self.call_sink(sink, "log_rows", host_rows)
+                self.call_sink(sink, "set_summary", dict(self._summary))
 
     def _writes(self) -> bool:
         return self.ctx is None or self.ctx.is_main_process
@@ -173,7 +173,7 @@ class MonitorHub:
         """False once ``sink`` raised and was switched off."""
         return id(sink) not in self.failed_sinks
 
-    def _sink_call(self, sink: Any, method: str, *args: Any) -> None:
+    def call_sink(self, sink: Any, method: str, *args: Any) -> None:
         """Call a sink method; a sink that raises never stops training. A sink may recover
         (``sink.recover(exc) -> str | None``, e.g. W&B falling back to an offline run): the call
         is then retried once. Either way the failure is reported once (``SINK_FAILED``)."""
@@ -218,7 +218,7 @@ class MonitorHub:
             if self.console is not None:
                 self.console(str(f))
             for sink in self.sinks:
-                self._sink_call(sink, "alert", f)
+                self.call_sink(sink, "alert", f)
         if f.severity == "error" and self.stop_on_error:
             self.should_stop = True
 
@@ -274,7 +274,7 @@ class MonitorHub:
                 _print_console(f"monitor {m.name!r} failed to close: {exc}")
         self.flush()
         for sink in self.sinks:
-            self._sink_call(sink, "close")
+            self.call_sink(sink, "close")
 
 
 def _to_host(rows: Iterable[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:

@@ -251,11 +251,11 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                                    resume=state is not None, name=cfg.wandb_name or None,
                                    group=cfg.wandb_group or None, init_timeout=cfg.wandb_init_timeout)
             sinks.append(wandb_sink)
-            if cfg.wandb_watch:  # W&B's own gradient/parameter hooks, for comparison
-                wandb_sink.watch(student, log=cfg.wandb_watch, log_freq=cfg.wandb_watch_freq)
         sinks.append(LocalSink(exp_dir / "records"))
     hub = MonitorHub(build_monitors(cfg.monitors) + list(extra_monitors or []), sinks=sinks,
                      log_every=cfg.log_every, stop_on_error=cfg.stop_on_error)
+    if wandb_sink is not None and cfg.wandb_watch:  # W&B's own gradient/parameter hooks, for comparison
+        hub.call_sink(wandb_sink, "watch", student, cfg.wandb_watch, cfg.wandb_watch_freq)  # isolated: opens the run
     backbone_params = [p for n, p in student.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in student.named_parameters() if n.startswith("head.")]
     ctx = RunContext(prototypes=prototypes, optimizer=optimizer, model=student, teacher=teacher,

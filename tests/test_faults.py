@@ -91,7 +91,7 @@ def _closed_port() -> int:
 
 
 def test_unreachable_wandb_server_run_completes_offline(micro, tmp_path):
-    args = micro + LIGHT + ["max_steps=6", "wandb_mode=online", "wandb_init_timeout=3"]
+    args = micro + LIGHT + ["max_steps=6", "wandb_mode=online", "wandb_init_timeout=3", "wandb_watch=gradients"]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(WANDB_MODE="online", WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{_closed_port()}",
                HOME=str(tmp_path), PYTHONUNBUFFERED="1")
@@ -104,6 +104,7 @@ def test_unreachable_wandb_server_run_completes_offline(micro, tmp_path):
     findings = [json.loads(line) for line in (exp_dir / "records/findings.jsonl").read_text().splitlines()]
     (sf,) = [f for f in findings if f["code"] == "SINK_FAILED"]
     assert sf["severity"] == "warning" and "CommError" in sf["message"] and "wandb sync" in sf["message"]
+    assert "raised in watch" in sf["message"]  # wandb_watch opens the run first: isolated too
     summary = json.loads((exp_dir / "records/summary.json").read_text())
     assert "SINK_FAILED" in summary["health/codes"] and summary["health/warnings"] == 1
     (run_dir,) = (exp_dir / "wandb").glob("offline-run-*")
