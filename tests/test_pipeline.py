@@ -88,7 +88,10 @@ def test_sigkill_after_first_checkpoint_resumes(micro, tmp_path):
     args = micro + ["ckpt_every=3", "epochs=50", "eval_at_init=false"]
     proc = _start(args, tmp_path)
     ckpt_path = Path(load_config(TINY, args).exp_dir) / "checkpoint.pt"
-    _wait_for(ckpt_path.with_name("checkpoint-3.pt"), proc)  # checkpoint-0.pt is there from the start
+    t0 = time.time()  # checkpoint-0.pt is there from the start: wait for a periodic one
+    while not [p for p in ckpt_path.parent.glob("checkpoint-*.pt") if int(p.stem.split("-")[1]) >= 3]:
+        assert proc.poll() is None and time.time() - t0 < 240, "no periodic checkpoint"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     saved = torch.load(ckpt_path, weights_only=False)
