@@ -56,7 +56,6 @@ class WandbSink:
                                  group=group, tags=tags)
         self._init_timeout = init_timeout
         self._defined = False
-        self.fell_back_offline = False
 
     @property
     def run(self) -> Any:
@@ -90,10 +89,11 @@ class WandbSink:
             return None
         import wandb
 
-        wandb.teardown()  # the failed init left the id registered with this process's service
+        # the failed init left the id registered with this process's W&B service; tearing it
+        # down also ends other runs of this process (the trainer has only this one)
+        wandb.teardown()
         self._init_kwargs["mode"] = "offline"
         self._init_timeout = None
-        self.fell_back_offline = True
         run_dir = self.run_dir
         msg = (f"W&B could not be reached ({error}): logging to the offline run {run_dir} "
                f"instead; upload it later with: wandb sync {run_dir}")
