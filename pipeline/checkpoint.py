@@ -37,7 +37,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path} could not be read ({type(exc).__name__}); it may be truncated: use an earlier checkpoint") from None
+        others = [p.name for _, p in CheckpointManager(path.parent).step_files() if not _same_file(p, path)]
+        hint = f" ({', '.join(others)} in the same directory)" if others else ""
+        raise ValueError(f"checkpoint {path} could not be read ({type(exc).__name__}); it may be truncated: "
+                         f"use an earlier checkpoint{hint}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -63,6 +63,8 @@ def test_resume_skips_a_truncated_or_nonfinite_newest_and_says_so(tmp_path):
     assert len(lines) == 2 and "checkpoint-12.pt" in lines[0] and "could not be read" in lines[0]
     assert "checkpoint-9.pt" in lines[1] and "NaN/Inf" in lines[1]
     assert os.path.samefile(tmp_path / "checkpoint.pt", path)  # checkpoint.pt names what was resumed
+    with pytest.raises(ValueError, match=r"use an earlier checkpoint \(checkpoint-9.pt, checkpoint-6.pt, checkpoint-3.pt"):
+        ckpt.load(tmp_path / "checkpoint-12.pt")  # evaluate --checkpoint names the ones to try
 
 
 def test_resume_from_a_lone_checkpoint_pt_and_when_nothing_is_usable(tmp_path):
