@@ -446,7 +446,7 @@ class HealthDoctor(Monitor):
         self._obs_gnorm: list[torch.Tensor] = []     # ||grad|| of each step with a gradient
         self._obs_stuck: list[torch.Tensor] = []     # ||grad|| of each snapshot step ...
         self._obs_update: list[torch.Tensor] = []    # ... and ||P_after - P_before|| of that step
-        self._obs_rows: list[torch.Tensor] = []      # ||P|| (0-dim) at each step end
+        self._obs_rows: list[torch.Tensor] = []      # 0-dim ||P|| (or the update) at each step end
         # device state: 0-dim tensors, created on the prototypes' device on first use
         self._dev: dict[str, torch.Tensor] = {}
         # per-step scratch (not state)
@@ -462,6 +462,7 @@ class HealthDoctor(Monitor):
         self.dup_checked_rows = 0                      # rows of the last finished check
         self._collective_started = False      # the first on_collective compares the initial values
         self._snap_step = -1
+        self._update_step = -1                # step whose update norm was observed
         self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
 
@@ -710,6 +711,7 @@ class HealthDoctor(Monitor):
             if update is not None:
                 self._obs_stuck.append(self._snap_gnorm)
                 self._obs_update.append(update)
+                self._update_step = ctx.step
         return None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:
@@ -720,7 +722,12 @@ class HealthDoctor(Monitor):
             self._grad_step_check(ctx, self._ab_obs[1])
         # the row norms (shared with the norm monitor) are NaN/Inf iff an entry is (or beyond
         # ~1e19 in float32, where its square overflows)
-        self._obs_rows.append(ctx.shared.norm(ctx))  # 0-dim ||P||: one fused pass (or from row norms)
+        # ||P - P_before|| is NaN/Inf iff P is (or was before the step, which that step's check
+        # saw): a step with an update needs no pass over P here; else the 0-dim ||P||
+        if self._update_step == ctx.step and self._obs_update:
+            self._obs_rows.append(self._obs_update[-1])
+        else:
+            self._obs_rows.append(ctx.shared.norm(ctx))
         out = ctx.outputs
         if out is None or ctx.step < self.collapse_warmup:
             return None

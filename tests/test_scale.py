@@ -151,3 +151,29 @@ def test_duplicate_check_of_a_small_k_is_one_interval_and_exact():
     ctx = RunContext(prototypes=P, step=9)
     doc.on_log(ctx)
     assert doc.dup_checked_rows == K and doc.pop_findings() == []
+
+
+def test_a_nan_written_by_the_step_is_seen_through_the_update_norm():
+    """The health doctor reads NaN/Inf prototypes from the step's update norm (no extra pass
+    over P): a NaN that optimizer.step() itself writes is reported at the next log interval."""
+    torch.manual_seed(0)
+    P = torch.nn.Parameter(torch.randn(32, 8))
+
+    class Poisoning(torch.optim.SGD):
+        steps = 0
+
+        def step(self, closure=None):
+            super().step(closure)
+            Poisoning.steps += 1
+            if Poisoning.steps == 7:          # step index 6
+                P.data[3, 2] = float("nan")
+
+    opt = Poisoning([P], lr=0.1)
+    hub = attach(opt, P, run=False, sinks=[], console=None, log_every=5, monitors=["deltas", "health"])
+    for _ in range(10):
+        opt.zero_grad()
+        P.square().sum().backward()
+        opt.step()
+    hub.close()
+    found = [(f.code, f.step) for f in hub.findings if f.severity == "error"]
+    assert ("PROTO_NONFINITE", 9) in found
