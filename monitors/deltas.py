@@ -12,7 +12,7 @@ import torch
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import VectorStat
-from .shared import work_dtype
+from .shared import block_rows, work_dtype
 
 _TINY = 1e-12
 
@@ -103,9 +103,12 @@ class DeltaMonitor(Monitor):
 
     def _drift(self, ctx: RunContext, P: torch.Tensor) -> torch.Tensor:
         init = self._ensure_init(P)
-        # ||P - P_init|| in row blocks through the shared small scratch: no (K, D) temporary
-        # (torch.dist made one: ~35 ms of page faults at K=65536, D=256 on a CPU)
-        dist = torch.linalg.vector_norm(ctx.shared.distances(P, init))
+        if P.numel() <= block_rows(P.shape, P.device) * P[0].numel() and P.dtype in (torch.float32, torch.float64):
+            dist = torch.dist(P, init)  # small: one kernel, its temporary fits the cache
+        else:
+            # ||P - P_init|| in row blocks through the shared small scratch: no (K, D) temporary
+            # (torch.dist made one: ~35 ms of page faults at K=65536, D=256 on a CPU)
+            dist = torch.linalg.vector_norm(ctx.shared.distances(P, init))
         return dist / self._init_norm
 
     def on_train_end(self, ctx: RunContext) -> Metrics:

@@ -81,9 +81,17 @@ def row_distances(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tens
     if scratch is None or scratch.dtype != dt or scratch.device != a.device \
             or scratch.shape[1:] != a2.shape[1:] or scratch.shape[0] < rows:
         scratch = torch.empty((rows, a2.shape[1]), device=a.device, dtype=dt)
+    same = a.dtype == dt and b.dtype == dt
+    if K <= rows and out is None:  # one block (small K): two kernels, no loop
+        s = scratch[:K]
+        if same:
+            torch.sub(a2, b2, out=s)
+        else:
+            s.copy_(a2)
+            s.sub_(b2)
+        return torch.linalg.vector_norm(s, dim=1), scratch
     if out is None:
         out = torch.empty(K, device=a.device, dtype=dt)
-    same = a.dtype == dt and b.dtype == dt
     for start in range(0, K, rows):
         stop = min(K, start + rows)
         s = scratch[: stop - start]

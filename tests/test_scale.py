@@ -159,16 +159,15 @@ def test_a_nan_written_by_the_step_is_seen_through_the_update_norm():
     torch.manual_seed(0)
     P = torch.nn.Parameter(torch.randn(32, 8))
 
-    class Poisoning(torch.optim.SGD):
-        steps = 0
+    opt = torch.optim.SGD([P], lr=0.1)
+    steps = []
 
-        def step(self, closure=None):
-            super().step(closure)
-            Poisoning.steps += 1
-            if Poisoning.steps == 7:          # step index 6
-                P.data[3, 2] = float("nan")
+    def poison(optimizer, args, kwargs):  # registered before attach(): runs first after step()
+        steps.append(1)
+        if len(steps) == 7:               # step index 6
+            P.data[3, 2] = float("nan")
 
-    opt = Poisoning([P], lr=0.1)
+    opt.register_step_post_hook(poison)
     hub = attach(opt, P, run=False, sinks=[], console=None, log_every=5, monitors=["deltas", "health"])
     for _ in range(10):
         opt.zero_grad()
