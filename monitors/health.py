@@ -720,10 +720,9 @@ class HealthDoctor(Monitor):
         if (self._grad_checked_step != ctx.step and self._ab_obs is not None
                 and self._ab_obs[0] == ctx.step):
             self._grad_step_check(ctx, self._ab_obs[1])
-        # the row norms (shared with the norm monitor) are NaN/Inf iff an entry is (or beyond
-        # ~1e19 in float32, where its square overflows)
-        # ||P - P_before|| is NaN/Inf iff P is (or was before the step, which that step's check
-        # saw): a step with an update needs no pass over P here; else the 0-dim ||P||
+        # NaN/Inf prototypes: ||P|| is NaN/Inf iff an entry is (or beyond ~1e19 in float32, where
+        # its square overflows). The step's update norm ||P - P_before|| is NaN/Inf iff P is, or
+        # was before the step: a step with an update needs no pass over P here
         if self._update_step == ctx.step and self._obs_update:
             self._obs_rows.append(self._obs_update[-1])
         else:
