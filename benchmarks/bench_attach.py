@@ -17,6 +17,7 @@ step of each arm; ``--malloc system`` measures with glibc's defaults instead.
     python benchmarks/bench_attach.py                 # ~40 s on 1 CPU thread, ~22 ms a step
     python benchmarks/bench_attach.py --monitors none # the hooks and the hub alone
     python benchmarks/bench_attach.py --wandb         # include an offline W&B run as the sink
+    python benchmarks/bench_attach.py --num-proto 65536 --dim 256 --pairs 12   # DINO's size: ~5 min
 """
 from __future__ import annotations
 
@@ -122,6 +123,28 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _read_twice_ms(P: torch.Tensor, reps: int = 21) -> float:
+    """Median time of two fused reductions over P: the least any per-step statistic of P costs
+    (the per-step work needs the prototypes, the snapshot and the gradient read about twice)."""
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        P.sum()
+        P.sum()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1000
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block", type=int, default=10, help="steps per block")
@@ -132,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-dim", type=int, default=80)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--embed", type=int, default=256)
-    ap.add_argument("--dim", type=int, default=128, help="prototype dim D")
-    ap.add_argument("--num-proto", type=int, default=512, help="number of prototypes K")
+    ap.add_argument("--dim", type=_positive, default=128, help="prototype dim D")
+    ap.add_argument("--num-proto", type=_positive, default=512, help="number of prototypes K")
     ap.add_argument("--capture", action="store_true", help="attach(capture='head'): assignments per step")
     ap.add_argument("--wandb", action="store_true", help="write an offline W&B run (else no sink)")
     ap.add_argument("--monitors", default="default", help="monitors to attach ('none': the hooks and hub only)")
@@ -159,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     t_attach = time.perf_counter() - t_attach
 
     times: dict[str, list[float]] = {"bare": [], "attached": []}
+    cpu: dict[str, list[float]] = {"bare": [], "attached": []}  # this thread's CPU time per step
+    cpu_ratios: list[float] = []
     faults: dict[str, int] = {"bare": 0, "attached": 0}
     pair_ratios: list[float] = []
     for r in range(args.pairs):
@@ -168,17 +193,21 @@ def main(argv: list[str] | None = None) -> None:
                 s.hub.detach()
             else:
                 s.hub.reattach()
-            ts, f0 = [], _faults()
+            ts, cs, f0 = [], [], _faults()
             for _ in range(args.block):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 s.step()
                 ts.append(time.perf_counter() - t0)
+                cs.append(time.thread_time() - c0)
             block_median[name] = statistics.median(ts)
+            block_median[name + "_cpu"] = statistics.median(cs)
             if r > 0:  # pair 0 is warm-up
                 times[name] += ts
+                cpu[name] += cs
                 faults[name] += _faults() - f0
         if r > 0:
             pair_ratios.append(block_median["attached"] / block_median["bare"])
+            cpu_ratios.append(block_median["attached_cpu"] / block_median["bare_cpu"])
     s.hub.close()
 
     n = len(times["bare"])
@@ -192,10 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(pair_ratios)
     print(f"ratio attached/bare: median of pair ratios {ratio:.3f}   pooled medians {med['attached'] / med['bare']:.3f}"
           f"   means {mean['attached'] / mean['bare']:.3f}   (target: median <= 1.05) -> {'met' if ratio <= 1.05 else 'MISSED'}")
+    print(f"CPU time of the training thread (insensitive to being descheduled on a shared machine): "
+          f"bare median {statistics.median(cpu['bare']) * 1000:.2f} ms, attached {statistics.median(cpu['attached']) * 1000:.2f} ms,"
+          f" median of pair ratios {statistics.median(cpu_ratios):.3f}, means {statistics.fmean(cpu['attached']) / statistics.fmean(cpu['bare']):.3f}")
     if perf.monitor_ms:
         m = statistics.median(perf.monitor_ms)
         print(f"monitors' own time per step (hub perf/monitor_ms): median {m:.2f} ms = {m / med['bare']:.3f} of a bare step,"
               f" mean {statistics.fmean(perf.monitor_ms):.2f} ms")
+    limit = _read_twice_ms(s.P.detach())
+    print(f"physical limit: reading P ({args.num_proto} x {args.dim}, {s.P.numel() * s.P.element_size() / 1e6:.1f} MB)"
+          f" twice takes {limit:.2f} ms here ({2 * s.P.numel() * s.P.element_size() / limit / 1e6:.1f} GB/s)"
+          + (f"; the monitors' own time is {statistics.median(perf.monitor_ms) / limit:.1f}x that" if perf.monitor_ms else ""))
     print(f"attach() itself took {t_attach:.2f} s once (static checks; the heatmap monitor imports matplotlib then)."
           " Means include the log-interval work (the flush, heatmap renders at most every 30 s); background"
           " processes (W&B, t-SNE worker) are outside")

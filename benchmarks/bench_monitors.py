@@ -12,7 +12,10 @@ over all rounds, and its ratio to `none`, are printed.
 Part 2, t-SNE: the wall time of the whole default run with its t-SNE frames against the same run
 without them (two full trainings in subprocesses; --skip-full leaves them out).
 
-    python benchmarks/bench_monitors.py [--steps 40] [--rounds 3] [--skip-full]
+    python benchmarks/bench_monitors.py [--steps 40] [--rounds 3] [--skip-full] [--num-proto K] [--dim D]
+
+``--num-proto`` and ``--dim`` set the config's ``num_proto`` and ``output_dim`` (the prototypes
+are (num_proto, output_dim)) in every variant and in part 2.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,7 +53,11 @@ def step_times(exp_dir: Path, skip: int) -> list[float]:
     return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r["trainer/step"] > skip]
 
 
-def part1(steps: int, rounds: int, tmp: Path) -> dict[str, float]:
+def size_overrides(num_proto: Optional[int], dim: Optional[int]) -> list[str]:
+    return ([f"num_proto={num_proto}"] if num_proto else []) + ([f"output_dim={dim}"] if dim else [])
+
+
+def part1(steps: int, rounds: int, tmp: Path, size: Sequence[str] = ()) -> dict[str, float]:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
         order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
@@ -57,19 +65,29 @@ def part1(steps: int, rounds: int, tmp: Path) -> dict[str, float]:
             exp = tmp / f"{v}_{r}"
             cfg = load_config(CONFIG, [f"max_steps={steps}", "eval_data=", "eval_at_init=false",
                                        "progress=false", f"exp_dir={exp}", "ckpt_every=100000",
-                                       *VARIANTS[v]])
+                                       *size, *VARIANTS[v]])
             train(cfg)
             times[v] += step_times(exp, skip=3)
             print(f"  round {r} {v:<10} median step {statistics.median(step_times(exp, 3)):7.1f} ms", flush=True)
     return {v: statistics.median(t) for v, t in times.items()}
 
 
-def full_run(tmp: Path, name: str, monitors: str) -> float:
+def full_run(tmp: Path, name: str, monitors: str, size: Sequence[str] = ()) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(CONFIG), f"exp_dir={tmp / name}",
-                    f"monitors={monitors}", "progress=false"], cwd=ROOT, check=True,
+                    f"monitors={monitors}", "progress=false", *size], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def main() -> None:
@@ -77,18 +95,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per short training (part 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part 1)")
     p.add_argument("--skip-full", action="store_true", help="leave out part 2 (two full default runs)")
+    p.add_argument("--num-proto", type=_positive, default=None, help="number of prototypes K (config num_proto)")
+    p.add_argument("--dim", type=_positive, default=None, help="prototype dimension D (config output_dim)")
     args = p.parse_args()
+    size = size_overrides(args.num_proto, args.dim)
     with tempfile.TemporaryDirectory(prefix="bench_monitors_") as d:
         tmp = Path(d)
-        print(f"part 1: {args.rounds} rounds x {len(VARIANTS)} variants x {args.steps} steps of {CONFIG.name}")
-        med = part1(args.steps, args.rounds, tmp)
+        print(f"part 1: {args.rounds} rounds x {len(VARIANTS)} variants x {args.steps} steps of {CONFIG.name}"
+              + (f" with {' '.join(size)}" if size else ""))
+        med = part1(args.steps, args.rounds, tmp, size)
         print("\nmedian step time (ms) and ratio to unmonitored:")
         for v, m in med.items():
             print(f"  {v:<11} {m:8.1f} ms   {m / med['none']:.3f}x")
         if not args.skip_full:
             print("\npart 2: the whole default run with and without t-SNE frames")
-            without = full_run(tmp, "no_tsne", NO_TSNE)
-            with_tsne = full_run(tmp, "with_tsne", "default")
+            without = full_run(tmp, "no_tsne", NO_TSNE, size)
+            with_tsne = full_run(tmp, "with_tsne", "default", size)
             print(f"  without t-SNE {without:7.1f} s")
             print(f"  with t-SNE    {with_tsne:7.1f} s   {with_tsne / without:.3f}x")
 

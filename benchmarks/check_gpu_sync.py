@@ -7,7 +7,10 @@ on_before_optimizer_step, on_after_optimizer_step, on_step_end) run under
 ``on_log`` (the log interval) and the non-step events are allowed to read device values and are
 not wrapped. Prints the number of checked hook calls and exits 1 if any monitor synchronised.
 
-    python benchmarks/check_gpu_sync.py [--steps 60] [--every-step]
+    python benchmarks/check_gpu_sync.py [--steps 60] [--every-step] [--num-proto 65536 --dim 256]
+
+With ``--num-proto``/``--dim`` (DINO's 65,536 x 256) it also prints the time to read P twice
+on the device and the per-step monitor time as a multiple of it (target: within 3x).
 """
 from __future__ import annotations
 
@@ -29,11 +32,38 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
 
+def _read_twice_ms(P: torch.Tensor, reps: int = 50) -> float:
+    """Median device time of two fused reductions over P (CUDA events)."""
+    P.sum()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        P.sum()
+        P.sum()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every-step", action="store_true", help="run every monitor at every step")
     p.add_argument("--exp-dir", default="/tmp/check_gpu_sync")
+    p.add_argument("--num-proto", type=_positive, default=None, help="number of prototypes K (config num_proto)")
+    p.add_argument("--dim", type=_positive, default=None, help="prototype dimension D (config output_dim)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this check needs a GPU")
@@ -41,6 +71,7 @@ def main() -> int:
 
     checked: collections.Counter[str] = collections.Counter()
     seconds: collections.Counter[str] = collections.Counter()
+    events: list = []  # (monitor, start event, end event) of every checked hook call
     original = hub_module.MonitorHub._call
 
     def strict_call(self, monitor, hook, ctx):
@@ -48,9 +79,13 @@ def main() -> int:
             return original(self, monitor, hook, ctx)
         torch.cuda.set_sync_debug_mode("error")
         t0 = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()  # device time of the hook's kernels: read after training (no sync here)
         try:
             return original(self, monitor, hook, ctx)
         finally:
+            end.record()
+            events.append((monitor.name, start, end))
             seconds[monitor.name] += time.perf_counter() - t0
             torch.cuda.set_sync_debug_mode("default")
             checked[monitor.name] += 1
@@ -60,13 +95,27 @@ def main() -> int:
         if args.every_step else "default"
     cfg = load_config(ROOT / "experiments/sdpn_tiny.yaml", [
         "device=cuda", f"max_steps={args.steps}", "epochs=1000", "wandb_mode=disabled", "progress=false",
-        f"exp_dir={args.exp_dir}", "eval_at_init=false", "threads=4", f"monitors={monitors}"])
+        f"exp_dir={args.exp_dir}", "eval_at_init=false", "threads=4", f"monitors={monitors}",
+        *([f"num_proto={args.num_proto}"] if args.num_proto else []),
+        *([f"output_dim={args.dim}"] if args.dim else [])])
     res = train(cfg)
     failed = [f for f in res["findings"] if "MONITOR_FAILED" in f]
     print(f"device {torch.cuda.get_device_name()}; {res['step']} steps; log every {cfg.log_every} steps")
     for name, n in sorted(checked.items()):
         print(f"  {name:<11} {n:5d} per-step hook calls under sync_debug_mode=error, "
               f"{1000 * seconds[name] / n:.3f} ms/call")
+    torch.cuda.synchronize()
+    device_ms: collections.Counter[str] = collections.Counter()
+    for name, start, end in events:
+        device_ms[name] += start.elapsed_time(end)
+    steps = max(1, res["step"])
+    per_step = sum(device_ms.values()) / steps
+    print("  device time per step: " + ", ".join(f"{n} {v / steps:.3f} ms" for n, v in sorted(device_ms.items())))
+    P = torch.empty(cfg.num_proto, cfg.output_dim, device="cuda")
+    limit = _read_twice_ms(P)
+    print(f"K={cfg.num_proto} D={cfg.output_dim}: per-step monitor hooks {per_step:.3f} ms of device time a step"
+          f" (host {sum(seconds.values()) * 1000 / steps:.3f} ms); reading P twice {limit:.3f} ms "
+          f"({2 * P.numel() * 4 / limit / 1e6:.0f} GB/s): {per_step / limit:.2f}x (target <= 3x)")
     if failed:
         print("SYNC FOUND:\n  " + "\n  ".join(failed))
         return 1

@@ -11,6 +11,7 @@ import torch
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Image, figure_to_array
+from .shared import row_distances, work_dtype
 
 
 
@@ -119,6 +120,8 @@ class EvolutionMonitor(Monitor):
         self._tracked_for: Optional[int] = None       # K the tracked indices were made for
         self._num_proto: Optional[int] = None
         self._prev: Optional[torch.Tensor] = None     # (Kt, D) snapshot before step()
+        self._cur: Optional[torch.Tensor] = None      # (Kt, D) tracked rows after step()
+        self._scratch: Optional[torch.Tensor] = None  # row block of row_distances
         self._snapshot_step: Optional[int] = None
         self._last_render: Optional[int] = None
         self._dirty = False                           # columns added since the last render
@@ -128,14 +131,19 @@ class EvolutionMonitor(Monitor):
         self._update_map = _Heatmap("log10 ||ΔP_k||  (exact 0 at the bottom)")
 
     # -- recording --------------------------------------------------------------------------
-    def _select(self, P: torch.Tensor) -> torch.Tensor:
+    def _select(self, P: torch.Tensor, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tracked rows of P (all when K <= max_tracked), gathered into ``buf`` when it fits
+        (so that a step makes no new tensor), else into a new buffer that the caller keeps."""
         K = P.shape[0]
         if K <= self.max_tracked:
             return P
         if self._tracked is None or self._tracked.device != P.device or self._tracked_for != K:
             self._tracked = torch.from_numpy(self._tracked_ids(K)).to(P.device)
             self._tracked_for = K
-        return P.index_select(0, self._tracked)
+        shape = (self._tracked.shape[0], *P.shape[1:])
+        if buf is None or buf.shape != shape or buf.device != P.device or buf.dtype != P.dtype:
+            buf = torch.empty(shape, device=P.device, dtype=P.dtype)
+        return torch.index_select(P, 0, self._tracked, out=buf)
 
     def _due(self, step: int) -> bool:
         return self._last_record is None or step - self._last_record >= self.every_n_steps * self._stride
@@ -153,11 +161,7 @@ class EvolutionMonitor(Monitor):
         if ctx.prototypes.shape[0] <= self.max_tracked:  # every row: the shared snapshot
             ctx.shared.snapshot(ctx)
             return None
-        P = self._select(ctx.prototypes.detach())
-        if self._prev is None or self._prev.shape != P.shape or self._prev.device != P.device \
-                or self._prev.dtype != P.dtype:
-            self._prev = torch.empty_like(P, memory_format=torch.contiguous_format)
-        self._prev.copy_(P)
+        self._prev = self._select(ctx.prototypes.detach(), self._prev)  # gathered into its buffer
         return None
 
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
@@ -170,12 +174,14 @@ class EvolutionMonitor(Monitor):
             if update is not None:
                 self._append(ctx.step, P_full.shape[0], ctx.shared.row_norms(ctx).float(), update.float())
             return None
-        P = self._select(P_full)
-        if self._prev is None or P.shape != self._prev.shape:
+        if self._prev is None:
             return None
-        update = torch.linalg.vector_norm(P.to(torch.float32) - self._prev.to(torch.float32), dim=1)
-        norms = torch.linalg.vector_norm(P.to(torch.float32), dim=1)
-        self._append(ctx.step, P_full.shape[0], norms, update)
+        self._cur = P = self._select(P_full, self._cur)
+        if P.shape != self._prev.shape:
+            return None
+        update, self._scratch = row_distances(P, self._prev, self._scratch)
+        norms = torch.linalg.vector_norm(P, dim=1, dtype=work_dtype(P.dtype))
+        self._append(ctx.step, P_full.shape[0], norms.float(), update.float())
         return None
 
     def _allocate(self, K: int, Kt: int, device: torch.device) -> None:

@@ -8,7 +8,7 @@ import torch
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram, VectorStat
-from .shared import grad_of, work_dtype
+from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, grad_of, row_sample, work_dtype
 
 _TINY = 1e-12
 
@@ -36,16 +36,25 @@ class GradientMonitor(Monitor):
     ``groups_every`` steps (a pass over every gradient and weight of the model is about as
     costly as ``clip_grad_norm_``: on CPU that is ~10% of a small model's step; 1 = every step).
 
+    Above ``sample_above`` prototypes (16,384) the per-prototype statistics and the histogram
+    are those of a fixed random sample of ``sample_rows`` (4,096) rows, and
+    ``proto/grad/sampled`` (the number of rows they cover) is logged beside them; ``norm``,
+    ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient).
+
     A prototype without a gradient yields no metrics: the health doctor diagnoses that.
     """
 
     name = "gradients"
 
     def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50,
-                 groups_every: int = 10) -> None:
+                 groups_every: int = 10, sample_above: int = SAMPLE_ABOVE,
+                 sample_rows: int = SAMPLE_ROWS) -> None:
         super().__init__(every_n_steps)
-        self.hist_every = positive_int(type(self).__name__, "hist_every", hist_every)
-        self.groups_every = positive_int(type(self).__name__, "groups_every", groups_every)
+        owner = type(self).__name__
+        self.hist_every = positive_int(owner, "hist_every", hist_every)
+        self.groups_every = positive_int(owner, "groups_every", groups_every)
+        self.sample_above = positive_int(owner, "sample_above", sample_above, minimum=0)
+        self.sample_rows = positive_int(owner, "sample_rows", sample_rows)
         self._last_hist: Optional[int] = None
         self._last_groups: Optional[int] = None
 
@@ -56,16 +65,23 @@ class GradientMonitor(Monitor):
         return {"proto/grad/raw_norm": total}
 
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
-        per = ctx.shared.grad_row_norms(ctx)  # (K,), shared with the health doctor
+        P = ctx.prototypes
+        idx = row_sample(P.shape[0], self.sample_above, self.sample_rows, P.device)
+        if idx is None:
+            per = ctx.shared.grad_row_norms(ctx)  # (K,); the total derives from it
+        else:
+            per = ctx.shared.sampled_grad_row_norms(ctx, idx)  # (sample_rows,): a gather
         if per is None:
             return None
-        total = ctx.shared.grad_norm(ctx)
+        total = ctx.shared.grad_norm(ctx)  # exact, shared with the health doctor
         out = {
             "proto/grad/norm": total,
             "proto/grad/per_proto_mean": VectorStat(per, "mean"),  # reduced at the log interval
             "proto/grad/per_proto_max": VectorStat(per, "max"),
             "proto/grad/to_weight": total / ctx.shared.norm(ctx).clamp_min(_TINY),
         }
+        if idx is not None:
+            out["proto/grad/sampled"] = float(idx.shape[0])
         if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
             self._last_hist = ctx.step
             out["proto/grad/hist"] = Histogram(per)

@@ -379,6 +379,13 @@ class HealthDoctor(Monitor):
         dup_max_rows: rows compared against all others (a random subset when K is larger).
         dup_every: run that O(K^2 D) comparison at the first log interval and then at most every
             n steps (near-duplicates build up slowly; every interval cost ~1 ms at K=512).
+        dup_max_pairs: at most this many (row, prototype) similarities per check: above
+            ``dup_max_pairs / K`` rows the compared subset shrinks to that (512 rows at
+            K=65,536 with the default 2^25; the full 4,096 rows would be 137 GFLOP at D=256).
+        dup_pairs_per_log: similarities computed per log interval; a larger check is spread over
+            consecutive intervals and judged when its last rows are compared (a whole check in
+            one interval up to K=1,448 with the default 2^21; 16 intervals at K=65,536), so no
+            interval stalls its step by more than ~1 GFLOP at D=256 (~25 ms on one CPU core).
         norm_min, norm_max: the allowed range of prototype norms.
     """
 
@@ -402,6 +409,8 @@ class HealthDoctor(Monitor):
         dup_fraction: float = 0.1,
         dup_max_rows: int = 4096,
         dup_every: int = 50,
+        dup_max_pairs: int = 1 << 25,
+        dup_pairs_per_log: int = 1 << 21,
         norm_min: float = 1e-4,
         norm_max: float = 1e3,
     ) -> None:
@@ -422,6 +431,8 @@ class HealthDoctor(Monitor):
         self.dup_fraction = _check_float(owner, "dup_fraction", dup_fraction, 0.0, 1.0)
         self.dup_max_rows = _check_int(owner, "dup_max_rows", dup_max_rows, 1)
         self.dup_every = _check_int(owner, "dup_every", dup_every, 1)
+        self.dup_max_pairs = _check_int(owner, "dup_max_pairs", dup_max_pairs, 1)
+        self.dup_pairs_per_log = _check_int(owner, "dup_pairs_per_log", dup_pairs_per_log, 1)
         self.norm_min = _check_float(owner, "norm_min", norm_min, 0.0)
         self.norm_max = _check_float(owner, "norm_max", norm_max, 0.0)
         if self.norm_max <= self.norm_min:
@@ -443,7 +454,7 @@ class HealthDoctor(Monitor):
         self._obs_gnorm: list[torch.Tensor] = []     # ||grad|| of each step with a gradient
         self._obs_stuck: list[torch.Tensor] = []     # ||grad|| of each snapshot step ...
         self._obs_update: list[torch.Tensor] = []    # ... and ||P_after - P_before|| of that step
-        self._obs_rows: list[torch.Tensor] = []      # (K,) row norms at each step end
+        self._obs_rows: list[torch.Tensor] = []      # 0-dim ||P|| (or the update) at each step end
         # device state: 0-dim tensors, created on the prototypes' device on first use
         self._dev: dict[str, torch.Tensor] = {}
         # per-step scratch (not state)
@@ -452,9 +463,14 @@ class HealthDoctor(Monitor):
         self._grad_checked_step = -1
         self._ab_obs: Optional[tuple[int, bool]] = None  # (step, grad missing) from on_after_backward
         self._bos_step = -1
-        self._last_dup: Optional[int] = None  # step of the last duplicate check
+        self._last_dup: Optional[int] = None  # step the last duplicate check started at
+        self._dup_todo: Optional[torch.Tensor] = None  # rows of the running check still to compare
+        self._dup_best: list[torch.Tensor] = []        # their best cosine so far, per chunk
+        self._dup_k = 0                                # K the running check was drawn for
+        self.dup_checked_rows = 0                      # rows of the last finished check
         self._collective_started = False      # the first on_collective compares the initial values
         self._snap_step = -1
+        self._update_step = -1                # step whose update norm was observed
         self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
 
@@ -703,6 +719,7 @@ class HealthDoctor(Monitor):
             if update is not None:
                 self._obs_stuck.append(self._snap_gnorm)
                 self._obs_update.append(update)
+                self._update_step = ctx.step
         return None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:
@@ -711,9 +728,13 @@ class HealthDoctor(Monitor):
         if (self._grad_checked_step != ctx.step and self._ab_obs is not None
                 and self._ab_obs[0] == ctx.step):
             self._grad_step_check(ctx, self._ab_obs[1])
-        # the row norms (shared with the norm monitor) are NaN/Inf iff an entry is (or beyond
-        # ~1e19 in float32, where its square overflows)
-        self._obs_rows.append(ctx.shared.row_norms(ctx))
+        # NaN/Inf prototypes: ||P|| is NaN/Inf iff an entry is (or beyond ~1e19 in float32, where
+        # its square overflows). The step's update norm ||P - P_before|| is NaN/Inf iff P is, or
+        # was before the step: a step with an update needs no pass over P here
+        if self._update_step == ctx.step and self._obs_update:
+            self._obs_rows.append(self._obs_update[-1])
+        else:
+            self._obs_rows.append(ctx.shared.norm(ctx))
         out = ctx.outputs
         if out is None or ctx.step < self.collapse_warmup:
             return None
@@ -748,14 +769,16 @@ class HealthDoctor(Monitor):
         K = P.shape[0]
         # cheap O(K^2 D) statistics at the interval, read together with the accumulators
         extra: list[torch.Tensor] = []
-        dup_due = self._last_dup is None or ctx.step - self._last_dup >= self.dup_every
+        dup_due = self._dup_todo is not None or self._last_dup is None \
+            or ctx.step - self._last_dup >= self.dup_every
         if P.dim() == 2 and K >= 2:
             Pf = P.float()
             norms = Pf.norm(dim=1)
             extra += [norms.min().double(), norms.max().double()]
             if dup_due:
-                self._last_dup = ctx.step
-                extra.append(self._duplicate_fraction(Pf, norms, ctx.step))
+                dup = self._duplicate_fraction(Pf, norms, ctx.step)
+                if dup is not None:  # None: the check goes on at the next interval
+                    extra.append(dup)
         keys = tuple(_DEV)
         obs, n_g, n_s = self._observations(P.device)
         head = len(keys) + len(extra)
@@ -833,23 +856,36 @@ class HealthDoctor(Monitor):
         self.collapse_checked = 0
         return None
 
-    def _duplicate_fraction(self, Pf: torch.Tensor, norms: torch.Tensor, step: int) -> torch.Tensor:
-        """0-dim float64 fraction of the compared rows with another prototype at cosine >
-        ``dup_cosine`` (at most ``dup_max_rows`` rows, a random subset seeded by ``step``)."""
+    def _duplicate_fraction(self, Pf: torch.Tensor, norms: torch.Tensor, step: int) -> Optional[torch.Tensor]:
+        """Continue the duplicate check: compare up to ``dup_pairs_per_log`` similarities' worth of
+        its rows with every prototype. When its last rows are done, return the 0-dim float64
+        fraction of the compared rows with another prototype at cosine > ``dup_cosine``; until
+        then None. A check compares at most ``dup_max_rows`` and ``dup_max_pairs / K`` rows, a
+        random subset seeded by the step it starts at when K is larger. No (K, D) temporary:
+        the (m, K) block of dot products is divided by the norms in place."""
         K = Pf.shape[0]
-        Pn = Pf / norms.clamp_min(1e-12)[:, None]
-        if K > self.dup_max_rows:
-            g = torch.Generator().manual_seed(step)
-            idx = torch.randperm(K, generator=g)[: self.dup_max_rows].to(Pf.device)
-        else:
-            idx = torch.arange(K, device=Pf.device)
-        best = []  # per compared row: the largest cosine to another prototype
-        rows = max(1, (1 << 24) // K)  # at most 16M similarities (64 MB) at a time
-        for chunk in idx.split(rows):
-            sim = Pn[chunk] @ Pn.T  # (m, K) cosine
+        if self._dup_todo is None or self._dup_todo.device != Pf.device or self._dup_k != K:
+            n = min(K, self.dup_max_rows, max(1, self.dup_max_pairs // K))
+            if n < K:
+                g = torch.Generator().manual_seed(step)
+                idx = torch.randperm(K, generator=g)[:n].to(Pf.device)
+            else:
+                idx = torch.arange(K, device=Pf.device)
+            self._dup_todo, self._dup_best, self._last_dup, self._dup_k = idx, [], step, K
+        inv = norms.clamp_min(1e-12).reciprocal()                     # (K,)
+        per_block = max(1, min(self.dup_pairs_per_log, 1 << 24) // K)  # rows per (m, K) block
+        budget = max(1, self.dup_pairs_per_log // K)                   # rows this interval
+        now, self._dup_todo = self._dup_todo[:budget], self._dup_todo[budget:]
+        for chunk in now.split(per_block):
+            sim = Pf[chunk] @ Pf.T                                     # (m, K) dot products
+            sim.mul_(inv[chunk, None]).mul_(inv[None, :])              # cosines, in place
             sim[torch.arange(chunk.numel(), device=Pf.device), chunk] = -2.0  # not yourself
-            best.append(sim.amax(dim=1))
-        return (torch.cat(best) > self.dup_cosine).double().mean()
+            self._dup_best.append(sim.amax(dim=1))
+        if self._dup_todo.numel():
+            return None
+        best = torch.cat(self._dup_best)
+        self._dup_todo, self._dup_best, self.dup_checked_rows = None, [], best.numel()
+        return (best > self.dup_cosine).double().mean()
 
     def _observations(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
         """The per-step observations since the last call as one float64 vector of flags on the

@@ -6,6 +6,7 @@ from typing import Optional
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
 from .media import Histogram, VectorStat
+from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 
 class NormMonitor(Monitor):
@@ -13,19 +14,35 @@ class NormMonitor(Monitor):
 
     Emits ``proto/norm/mean``, ``/min``, ``/max``, ``/std`` (population std, so K=1 gives 0,
     not NaN) every step, and ``proto/norm/hist`` (the K norms) every ``hist_every`` steps.
+
+    Above ``sample_above`` prototypes (16,384) these are statistics of a fixed random sample of
+    ``sample_rows`` (4,096) rows, and ``proto/norm/sampled`` (the number of rows they cover) is
+    logged beside them; without it they cover every row. ``sample_above`` >= K gives exact
+    per-row statistics at any K (one more pass over P per step).
     """
 
     name = "norms"
 
-    def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50) -> None:
+    def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50,
+                 sample_above: int = SAMPLE_ABOVE, sample_rows: int = SAMPLE_ROWS) -> None:
         super().__init__(every_n_steps)
-        self.hist_every = positive_int(type(self).__name__, "hist_every", hist_every)
+        owner = type(self).__name__
+        self.hist_every = positive_int(owner, "hist_every", hist_every)
+        self.sample_above = positive_int(owner, "sample_above", sample_above, minimum=0)
+        self.sample_rows = positive_int(owner, "sample_rows", sample_rows)
         self._last_hist: Optional[int] = None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:
-        norms = ctx.shared.row_norms(ctx)  # (K,), shared with the other monitors of this event
+        P = ctx.prototypes
+        idx = row_sample(P.shape[0], self.sample_above, self.sample_rows, P.device)
+        if idx is None:
+            norms = ctx.shared.row_norms(ctx)  # (K,), shared with the other monitors of this event
+        else:
+            norms = ctx.shared.sampled_row_norms(ctx, idx)  # (sample_rows,): a gather, not a pass
         # the statistics are reduced by the hub at the log interval: one pass here per step
         out: dict = {f"proto/norm/{stat}": VectorStat(norms, stat) for stat in ("mean", "min", "max", "std")}
+        if idx is not None:
+            out["proto/norm/sampled"] = float(idx.shape[0])
         if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
             self._last_hist = ctx.step
             out["proto/norm/hist"] = Histogram(norms)  # fresh tensor: safe to keep until flush

@@ -10,9 +10,18 @@ PyTorch's version counter does not see. Within an event the key also holds the t
 version counter, so hooks called directly (without a hub) see in-place changes too.
 
 Everything stays on the prototypes' device; nothing here reads a value on the host.
+
+At large K (DINO's 65,536 x 256 is 67 MB in float32) every pass over a (K, D) tensor is a
+measurable share of a step, and a fresh (K, D) temporary costs page faults besides. So: the one
+persistent (K, D) buffer is the snapshot; differences (the update, the drift) are reduced in row
+blocks through a small reused scratch (:func:`row_distances`), which reads each operand once and
+writes nothing of size (K, D); totals are one fused ``vector_norm`` pass. Per-row statistics may
+be taken on a fixed row sample above ``SAMPLE_ABOVE`` rows (:func:`row_sample`); the totals
+(``||P||``, ``||grad||``, ``||update||``, drift) are always exact.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,6 +32,76 @@ def _version(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:  # inference tensors do not count versions
         return -1
+
+
+#: per-row statistics (norms, gradients) use a fixed row sample when K is above this (the
+#: monitors' ``sample_above`` option)
+SAMPLE_ABOVE = 16384
+#: rows of that sample (the monitors' ``sample_rows`` option)
+SAMPLE_ROWS = 4096
+#: elements of one row block of :func:`row_distances`: 1 MB of float32 stays in a CPU core's L2
+#: cache; on a GPU larger blocks only save kernel launches
+_BLOCK_CPU = 1 << 18
+_BLOCK_GPU = 1 << 22
+
+_SAMPLES: dict[tuple, torch.Tensor] = {}
+
+
+def row_sample(K: int, sample_above: int, sample_rows: int, device: torch.device,
+               seed: int = 0) -> Optional[torch.Tensor]:
+    """Sorted indices of a fixed random subset of ``sample_rows`` of K rows, made on ``device``
+    (no host-to-device copy), the same at every call; None when ``K <= sample_above`` (use all)."""
+    if K <= sample_above or sample_rows >= K:
+        return None
+    key = (K, sample_rows, str(device), seed)
+    idx = _SAMPLES.get(key)
+    if idx is None:
+        g = torch.Generator(device=device).manual_seed(seed)
+        idx = torch.randperm(K, generator=g, device=device)[:sample_rows].sort().values
+        _SAMPLES[key] = idx
+    return idx
+
+
+def block_rows(shape: torch.Size, device: torch.device) -> int:
+    """Rows per block of :func:`row_distances` for a tensor of ``shape`` on ``device``."""
+    width = max(1, math.prod(shape[1:]))
+    return max(1, (_BLOCK_GPU if device.type == "cuda" else _BLOCK_CPU) // width)
+
+
+def row_distances(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K,) ``||a_k - b_k||`` of two (K, ...) tensors, in the work dtype of ``a``, without a (K, D)
+    temporary: row blocks are subtracted into ``scratch`` (reused when it fits, else made) and
+    reduced while still in cache. Returns (distances, scratch) so that the caller may keep the
+    scratch for the next call. Exact: the same differences and norms as ``vector_norm(a - b)``."""
+    K = a.shape[0]
+    dt = work_dtype(a.dtype)
+    a2, b2 = a.reshape(K, -1), b.reshape(K, -1)
+    rows = min(K, block_rows(a.shape, a.device))
+    if scratch is None or scratch.dtype != dt or scratch.device != a.device \
+            or scratch.shape[1:] != a2.shape[1:] or scratch.shape[0] < rows:
+        scratch = torch.empty((rows, a2.shape[1]), device=a.device, dtype=dt)
+    same = a.dtype == dt and b.dtype == dt
+    if K <= rows and out is None:  # one block (small K): two kernels, no loop
+        s = scratch[:K]
+        if same:
+            torch.sub(a2, b2, out=s)
+        else:
+            s.copy_(a2)
+            s.sub_(b2)
+        return torch.linalg.vector_norm(s, dim=1), scratch
+    if out is None:
+        out = torch.empty(K, device=a.device, dtype=dt)
+    for start in range(0, K, rows):
+        stop = min(K, start + rows)
+        s = scratch[: stop - start]
+        if same:
+            torch.sub(a2[start:stop], b2[start:stop], out=s)
+        else:  # half precision: the difference in the work dtype, as (a.float() - b.float())
+            s.copy_(a2[start:stop])
+            s.sub_(b2[start:stop])
+        torch.linalg.vector_norm(s, dim=1, out=out[start:stop])
+    return out, scratch
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +128,8 @@ class SharedComputations:
         self._memo: dict[tuple, Any] = {}
         self._snap: Optional[torch.Tensor] = None      # (K, D) prototypes before step()
         self._snap_key: Optional[tuple] = None         # (step, event) of the snapshot
-        self._scratch: Optional[torch.Tensor] = None   # (K, D) work buffer
+        self._scratch: Optional[torch.Tensor] = None   # (rows, D) block of row_distances
+        self._update: Optional[tuple] = None           # (step, (K,) update row norms) of the last step
 
     def next_event(self) -> None:
         """Forget the values of the previous event (the hub calls this before each dispatch)."""
@@ -75,7 +155,29 @@ class SharedComputations:
     def norm(self, ctx: Any) -> torch.Tensor:
         """0-dim ``||P||`` (Frobenius) as it is now."""
         P = ctx.prototypes
-        return self._memoised("norm", ctx, P, lambda: torch.linalg.vector_norm(self.row_norms(ctx)))
+        return self._memoised("norm", ctx, P, lambda: self._total("row_norms", ctx, P))
+
+    def _total(self, rows_name: str, ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        """||t|| from the memoised row norms ``rows_name`` if a monitor asked for them in this
+        event, else one fused pass over t (exact either way)."""
+        key = (rows_name, self._event, ctx.step, id(t), t.data_ptr(), _version(t))
+        rows = self._memo.get(key)
+        if rows is not None:
+            return torch.linalg.vector_norm(rows)
+        return torch.linalg.vector_norm(t.detach(), dtype=work_dtype(t.dtype))
+
+    def sampled_row_norms(self, ctx: Any, idx: torch.Tensor) -> torch.Tensor:
+        """(n,) ``||P_k||`` of the rows ``idx`` only (from the full row norms if they exist)."""
+        P = ctx.prototypes
+        return self._memoised(("sampled_row_norms", id(idx)), ctx, P, lambda: self._sampled(
+            "row_norms", ctx, P, idx))
+
+    def _sampled(self, rows_name: str, ctx: Any, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        key = (rows_name, self._event, ctx.step, id(t), t.data_ptr(), _version(t))
+        rows = self._memo.get(key)
+        if rows is not None:
+            return rows.index_select(0, idx)
+        return torch.linalg.vector_norm(t.detach().index_select(0, idx), dim=-1, dtype=work_dtype(t.dtype))
 
     # -- the gradient -----------------------------------------------------------------------
     @staticmethod
@@ -96,7 +198,15 @@ class SharedComputations:
         g = self._grad(ctx)
         if g is None:
             return None
-        return self._memoised("grad_norm", ctx, g, lambda: torch.linalg.vector_norm(self.grad_row_norms(ctx)))
+        return self._memoised("grad_norm", ctx, g, lambda: self._total("grad_row_norms", ctx, g))
+
+    def sampled_grad_row_norms(self, ctx: Any, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """(n,) ``||grad_k||`` of the rows ``idx`` only, or None without a gradient."""
+        g = self._grad(ctx)
+        if g is None:
+            return None
+        return self._memoised(("sampled_grad_row_norms", id(idx)), ctx, g, lambda: self._sampled(
+            "grad_row_norms", ctx, g, idx))
 
     # -- the update of optimizer.step() -------------------------------------------------------
     def snapshot(self, ctx: Any) -> torch.Tensor:
@@ -122,26 +232,30 @@ class SharedComputations:
 
     def update_row_norms(self, ctx: Any) -> Optional[torch.Tensor]:
         """(K,) ``||P_k - snapshot_k||`` (call it in ``on_after_optimizer_step``), or None when no
-        snapshot of this step exists or its shape no longer matches."""
+        snapshot of this step exists or its shape no longer matches. Computed once per step (the
+        update of the step's ``optimizer.step()``), in row blocks: no (K, D) temporary."""
         P = ctx.prototypes
+        if self._update is not None and self._update[0] == (ctx.step, id(P), self._snap_key):
+            return self._update[1]
         if not self.has_snapshot(ctx) or self._snap.shape != P.shape or self._snap.device != P.device:
             return None
+        # a row moved iff its update norm is > 0 (exact: an element change small enough for its
+        # square to underflow would need |P_kd| < ~1e-19)
+        per = self.distances(P.detach(), self._snap)
+        self._update = ((ctx.step, id(P), self._snap_key), per)
+        return per
 
-        def compute() -> torch.Tensor:
-            dt = work_dtype(P.dtype)
-            s = self._scratch
-            if s is None or s.shape != P.shape or s.device != P.device or s.dtype != dt:
-                self._scratch = s = torch.empty(P.shape, device=P.device, dtype=dt)
-            torch.sub(P.detach(), self._snap, out=s)
-            # a row moved iff its update norm is > 0 (exact: an element change small enough for
-            # its square to underflow would need |P_kd| < ~1e-19)
-            return torch.linalg.vector_norm(s, dim=-1)
-
-        return self._memoised("update_row_norms", ctx, P, compute)
+    def distances(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(K,) ``||a_k - b_k||`` through this run's small reused scratch (:func:`row_distances`)."""
+        per, self._scratch = row_distances(a, b, self._scratch)
+        return per
 
     def update_norm(self, ctx: Any) -> Optional[torch.Tensor]:
         """0-dim ``||P - snapshot||``, or None (see :meth:`update_row_norms`)."""
         per = self.update_row_norms(ctx)
         if per is None:
             return None
-        return self._memoised("update_norm", ctx, ctx.prototypes, lambda: torch.linalg.vector_norm(per))
+        key = ("update_norm", ctx.step, id(per))
+        if key not in self._memo:
+            self._memo[key] = torch.linalg.vector_norm(per)
+        return self._memo[key]

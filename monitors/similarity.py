@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .base import Metrics, Monitor, positive_int
 from .events import RunContext
@@ -40,6 +39,7 @@ class SimilarityMonitor(Monitor):
         self._last_hist: Optional[int] = None
         self._subset: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._pairs: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # X (k, D) and S (k, k), reused
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # made on the device: indices drawn there need no host-to-device copy (a sync on CUDA)
@@ -68,16 +68,29 @@ class SimilarityMonitor(Monitor):
             self._pairs[key] = (i, j)
         return self._pairs[key]
 
+    def _work(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A float32 work buffer kept between calls: at large K the (k, k) matrix is 16 MB, and
+        a fresh one per call costs page faults (glibc maps allocations that large anew)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.device != device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
+        return buf
+
     def on_step_end(self, ctx: RunContext) -> Metrics:
         P = ctx.prototypes.detach()
         rows = self._rows(P.shape[0], P.device)
-        if rows is not None:
-            P = P.index_select(0, rows)
-        k = P.shape[0]
-        if k < 2:
+        k = P.shape[0] if rows is None else rows.shape[0]
+        if k < 2 or P.dim() != 2:
             return None
-        X = F.normalize(P.to(torch.float32), dim=1)                         # (k, D)
-        S = X @ X.T                                                          # (k, k)
+        X = self._work("X", (k, P.shape[1]), P.device)                      # (k, D)
+        if rows is None:
+            X.copy_(P)
+        elif P.dtype == torch.float32:
+            torch.index_select(P, 0, rows, out=X)
+        else:
+            X.copy_(P.index_select(0, rows))
+        X.div_(torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min_(1e-12))  # F.normalize
+        S = torch.mm(X, X.T, out=self._work("S", (k, k), P.device))         # (k, k) cosines
         diag = S.diagonal()
         n_off = k * (k - 1)
         out = {"proto/similarity/mean": (S.sum() - diag.sum()) / n_off}
