@@ -191,14 +191,15 @@ class TrainerChecks(Monitor):
         if ctx is None or ctx.step % self.grad_avg_every != 0 or param.grad is None or param.grad.is_sparse:
             return
         g = param.grad.detach()
-        if self._local is None or self._local.numel() != g.numel() + 1 or self._local.device != g.device:
-            self._local = torch.empty(g.numel() + 1, dtype=torch.float32, device=g.device)
-        self._local[:-1].copy_(g.reshape(-1))  # the latest backward: the accumulated local gradient
+        if self._local is None or self._local.numel() != g.numel() + 3 or self._local.device != g.device:
+            self._local = torch.empty(g.numel() + 3, dtype=torch.float32, device=g.device)
+        self._local[:-3].copy_(g.reshape(-1))  # the latest backward: the accumulated local gradient
         self._local_step = ctx.step
 
     def on_collective(self, ctx: RunContext) -> Metrics:
         """Every ``grad_avg_every`` steps, right after ``optimizer.step()``, on every rank: one
-        all-reduce of the local gradients (plus a count), then the step's own gradient is compared
+        all-reduce of the local gradients (plus a count and the norm of the step's gradient, to
+        tell a reduced gradient from an unreduced one), then the step's own gradient is compared
         with their mean, on the device."""
         world = _world()
         if world <= 1:
@@ -211,20 +212,26 @@ class TrainerChecks(Monitor):
         P = ctx.prototypes
         n = P.numel()
         buf = self._local
-        have = buf is not None and self._local_step == ctx.step and buf.numel() == n + 1
+        have = buf is not None and self._local_step == ctx.step and buf.numel() == n + 3
         if not have:  # take part with zeros: every rank must call the same collectives
-            buf = torch.zeros(n + 1, dtype=torch.float32, device=P.device)
-        buf[-1] = 1.0 if have else 0.0
-        dist.all_reduce(buf)  # (K*D + 1,): sum of the local gradients, number of ranks that had one
+            buf = torch.zeros(n + 3, dtype=torch.float32, device=P.device)
         g = P.grad
-        if g is None or g.is_sparse or g.numel() != n:
+        usable = g is not None and not g.is_sparse and g.numel() == n
+        gf = g.detach().reshape(-1).float() if usable else None
+        a = torch.linalg.vector_norm(gf) if gf is not None else torch.zeros((), device=P.device)
+        buf[-3] = 1.0 if have and usable else 0.0
+        buf[-2:] = torch.stack([a, a * a])  # is the step's gradient the same on every rank?
+        # (K*D + 3,): sum of the local gradients, ranks that had one, sum of ||g|| and ||g||^2
+        dist.all_reduce(buf)
+        if gf is None:
             return None
-        count = buf[-1]
-        mean = buf[:-1] / count.clamp_min(1.0)
-        gf = g.detach().reshape(-1).float()
+        count, s1, s2 = buf[-3], buf[-2], buf[-1]
+        mean = buf[:-3] / count.clamp_min(1.0)
         mm = (mean * mean).sum()
         ratio = (gf * mean).sum() / mm.clamp_min(1e-30)  # 1 for a mean, world_size for a sum
-        valid = (count == world) & (mm > 0)
+        # reduced at all (else PROTO_REPLICAS_DIVERGED tells): ||g|| equal across ranks
+        spread = (s2 / world - (s1 / world) ** 2).clamp_min(0).sqrt() / (s1 / world).clamp_min(1e-30)
+        valid = (count == world) & (mm > 0) & (spread < 1e-3)
         self._ratios.append(torch.stack([ratio, valid.float()]))
         return None
 

@@ -313,7 +313,7 @@ def _sum_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         result = {}
-        for variant in ("mean", "sum", "sum_adam"):
+        for variant in ("mean", "sum", "sum_adam", "none"):
             torch.manual_seed(0)  # the same initial values on every rank
             student = SDPNStudent()
             P = nn.Parameter(torch.empty(K, D).uniform_(-1 / math.sqrt(D), 1 / math.sqrt(D)))
@@ -329,7 +329,8 @@ def _sum_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 loss = -(sinkhorn(p.detach() ** 4) * torch.log(p + 1e-8)).sum(1).mean() + (mp * torch.log(mp)).sum()
                 opt.zero_grad()
                 loss.backward()
-                dist.all_reduce(P.grad)  # 3D-Speaker's AllReduceSum
+                if variant != "none":
+                    dist.all_reduce(P.grad)  # 3D-Speaker's AllReduceSum
                 if variant == "mean":
                     P.grad /= world
                 opt.step()
@@ -355,3 +356,5 @@ def test_summed_gradient_across_two_ranks(tmp_path):
         assert (code, sev) == ("PROTO_GRAD_NOT_AVERAGED", "warning") and step <= 20
         assert "2 ranks" in msg and "2x the configured lr" in msg and "/= dist.get_world_size()" in msg
         assert [(c, s) for c, s, *_ in r["sum_adam"]] == [("PROTO_GRAD_NOT_AVERAGED", "info")]
+        # not reduced at all: the replica check's error, not a wrong "summed"
+        assert {c for c, *_ in r["none"]} == {"PROTO_REPLICAS_DIVERGED"}, r["none"]
