@@ -67,6 +67,7 @@ OPTIONS: dict[str, Any] = {
     "capture": None,               # "module.name" / "module.name:i" in model; None: found automatically; False: off
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
+    "capture_every": None,         # derive them every n steps (None: 1 with capture="name", 5 when found automatically)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)
@@ -294,7 +295,7 @@ class _Discovery:
             return
         prio, _, name, key, module, _ = min(self.cands, key=lambda c: (c[0], -c[1]))
         chunks = [c[5] for c in self.cands if c[2] == name and c[3] == key and c[4] is module]
-        hub._set_capture(module, name, key, chunks)
+        hub._set_capture(module, name, key, chunks if hub.ctx.step % hub.capture_every == 0 else [])
         shape = tuple(chunks[-1].shape)
         what = {0: f"the input of {name!r}, the layer holding the prototypes",
                 1: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else ""),
@@ -319,12 +320,18 @@ class AttachedHub(MonitorHub):
                  console: Optional[Callable[[str], None]] = _print_console,
                  capture: Optional[tuple[nn.Module, str, Any]] = None,
                  accumulate_grad_batches: int = 1, assign_temperature: float = 0.1,
-                 install_hooks: bool = True, auto_capture: bool = False) -> None:
+                 install_hooks: bool = True, auto_capture: bool = False,
+                 capture_every: Optional[int] = None) -> None:
         super().__init__(monitors, sinks, log_every=log_every, stop_on_error=stop_on_error, console=console)
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
         if not assign_temperature > 0:
             raise ValueError(f"assign_temperature must be > 0, got {assign_temperature!r}")
+        if capture_every is None:
+            capture_every = 5 if auto_capture and capture is None else 1
+        if isinstance(capture_every, bool) or not isinstance(capture_every, int) or capture_every < 1:
+            raise ValueError(f"capture_every must be an integer >= 1, got {capture_every!r}")
+        self.capture_every = capture_every
         self.ctx = ctx
         self.accumulate_grad_batches = accumulate_grad_batches
         self.assign_temperature = float(assign_temperature)
@@ -392,7 +399,7 @@ class AttachedHub(MonitorHub):
         out = out.detach()
         if self._eval_chunks is not None:
             self._eval_chunks.append(out)
-        elif module.training and len(self._step_chunks) < 64:
+        elif module.training and len(self._step_chunks) < 64 and self.ctx.step % self.capture_every == 0:
             self._step_chunks.append(out)
 
     # -- driving the events ------------------------------------------------------------------
@@ -552,11 +559,15 @@ class AttachedHub(MonitorHub):
             self.log_embeddings(emb, lab)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def check_checkpoint(self, checkpoint: Union[Mapping[str, Any], str, os.PathLike]) -> list[Finding]:
+    def check_checkpoint(self, checkpoint: Union[Mapping[str, Any], str, os.PathLike],
+                         resumed: bool = False) -> list[Finding]:
         """Check that a checkpoint (a dict, or a path loaded on the CPU) holds the current
         prototypes (``PROTO_NOT_IN_CHECKPOINT``, error) and their optimizer state
         (``PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT``, warning). Emits ``on_save_checkpoint``.
-        Returns the findings about this checkpoint (also when already reported earlier)."""
+        ``resumed=True``: the run was just resumed from it: emits ``on_load_checkpoint``, and a
+        prototype tensor there that differs from the live one is reported as "not restored"
+        (warning) rather than missing. Returns the findings about this checkpoint (also when
+        already reported earlier)."""
         from .health import check_checkpoint, find_prototypes_in_checkpoint, prototype_optimizer_state_in_checkpoint
 
         if isinstance(checkpoint, (str, os.PathLike)):
@@ -568,12 +579,13 @@ class AttachedHub(MonitorHub):
         if not self._closed:  # after close() the answer is still given, nothing is written
             ctx.checkpoint = checkpoint  # type: ignore[assignment]
             try:
-                self.emit("on_save_checkpoint", ctx)
+                self.emit("on_load_checkpoint" if resumed else "on_save_checkpoint", ctx)
             finally:
                 ctx.checkpoint = None
         found = list(self.findings[n_before:])
         # the doctor's own check again: its finding is reported once per run, the answer is per call
-        mine: list[Finding] = list(check_checkpoint(checkpoint, ctx.prototypes, step=ctx.step))
+        mine: list[Finding] = list(check_checkpoint(checkpoint, ctx.prototypes, step=ctx.step, loaded=resumed,
+                                                    name=ctx.extra.get("prototypes_name")))
         keys = [] if mine else find_prototypes_in_checkpoint(checkpoint, ctx.prototypes)
         if keys and ctx.optimizer is not None and _in_optimizer(ctx.prototypes, ctx.optimizer) \
                 and not prototype_optimizer_state_in_checkpoint(checkpoint, ctx.prototypes, ctx.optimizer):
@@ -772,7 +784,7 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
     return AttachedHub(ctx, mons, sinks, log_every=hub_opts["log_every"], stop_on_error=hub_opts["stop_on_error"],
                        console=console, capture=capture, accumulate_grad_batches=hub_opts["accumulate_grad_batches"],
                        assign_temperature=hub_opts["assign_temperature"], install_hooks=install_hooks,
-                       auto_capture=hub_opts["capture"] is None)
+                       auto_capture=hub_opts["capture"] is None, capture_every=hub_opts["capture_every"])
 
 
 def attach(optimizer: torch.optim.Optimizer, prototypes: Union[torch.Tensor, nn.Module, str],

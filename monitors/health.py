@@ -231,11 +231,17 @@ def find_prototypes_in_checkpoint(checkpoint: Any, prototypes: torch.Tensor) -> 
     return [_path_str(path) for path, t in _walk(checkpoint, (), set()) if match(t)]
 
 
-def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor) -> list[str]:
-    """Paths of tensors with the prototypes' shape whose key mentions "proto"."""
+def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor, name: Optional[str] = None) -> list[str]:
+    """Paths of tensors with the prototypes' shape whose key mentions "proto" or ends with the
+    watched tensor's own name (``head.last_layer.weight_v``, ``...parametrizations.weight.original1``)."""
+    tails = {name, name.removeprefix("module.")} if name and name != "prototypes" else set()
+
+    def named(path: str) -> bool:
+        return "proto" in path.lower() or any(path.endswith(t) for t in tails if t)
+
     return [
         _path_str(path) for path, t in _walk(checkpoint, (), set())
-        if t.shape == prototypes.shape and "proto" in _path_str(path).lower()
+        if t.shape == prototypes.shape and named(_path_str(path))
     ]
 
 
@@ -306,13 +312,15 @@ def prototype_optimizer_state_in_checkpoint(checkpoint: Any, prototypes: torch.T
     return False
 
 
-def check_checkpoint(checkpoint: Any, prototypes: torch.Tensor, step: int = 0, loaded: bool = False) -> list[Finding]:
+def check_checkpoint(checkpoint: Any, prototypes: torch.Tensor, step: int = 0, loaded: bool = False,
+                     name: Optional[str] = None) -> list[Finding]:
     """Findings about a checkpoint dict: [] when it holds the prototypes. ``loaded=True``
     words the message for a checkpoint that was just resumed from (the prototypes must then
-    equal the saved ones)."""
+    equal the saved ones): a tensor of their shape saved under a prototype name (``*proto*``, or
+    the watched tensor's ``name``) that differs from them was "not restored"."""
     if find_prototypes_in_checkpoint(checkpoint, prototypes):
         return []
-    candidates = _proto_like_paths(checkpoint, prototypes)
+    candidates = _proto_like_paths(checkpoint, prototypes, name)
     if loaded and candidates:
         return [Finding(PROTO_NOT_IN_CHECKPOINT, "warning", step, (
             f"the checkpoint holds prototypes at {candidates[0]!r} but the current prototypes "
@@ -981,7 +989,8 @@ class HealthDoctor(Monitor):
     def on_load_checkpoint(self, ctx: RunContext) -> Metrics:
         if ctx.checkpoint is None:
             return None
-        for f in check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=True):
+        for f in check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=True,
+                                  name=ctx.extra.get("prototypes_name")):
             self._say(ctx, f.code, f.severity, f.message)
         return None
 

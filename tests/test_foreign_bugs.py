@@ -358,3 +358,24 @@ def test_summed_gradient_across_two_ranks(tmp_path):
         assert [(c, s) for c, s, *_ in r["sum_adam"]] == [("PROTO_GRAD_NOT_AVERAGED", "info")]
         # not reduced at all: the replica check's error, not a wrong "summed"
         assert {c for c, *_ in r["none"]} == {"PROTO_REPLICAS_DIVERGED"}, r["none"]
+
+
+# -- resumes: "not restored", not "not in the checkpoint" -----------------------------------------
+@pytest.mark.parametrize("new_api", [True, False])
+def test_resume_without_restoring_says_not_restored(new_api):
+    torch.manual_seed(0)
+    saved = DINO(new_api)
+    ckpt = {"student": saved.state_dict()}  # the weight-normalised layer's v is under its own name
+    torch.manual_seed(1)
+    live = DINO(new_api)  # resumed, but the loop forgot student.load_state_dict(ckpt['student'])
+    opt = torch.optim.SGD([p for p in live.parameters() if p.requires_grad], lr=0.1)
+    hub = attach(opt, "head.last_layer", model=live, **_opts())
+    found = hub.check_checkpoint(ckpt, resumed=True)
+    hub.close()
+    (f,) = [x for x in found if x.code == "PROTO_NOT_IN_CHECKPOINT"]
+    assert f.severity == "warning" and "not restored" in f.message and "without prototypes" not in f.message
+    assert "last_layer" in f.message
+    live.load_state_dict(ckpt["student"])  # restored: nothing to say
+    hub = attach(opt, "head.last_layer", model=live, **_opts())
+    assert [x for x in hub.check_checkpoint(ckpt, resumed=True) if x.code == "PROTO_NOT_IN_CHECKPOINT"] == []
+    hub.close()
