@@ -793,7 +793,7 @@ class HealthDoctor(Monitor):
             if is_target and have_p:
                 near = near & (spread[0] > tol)
             uniform = uniform | near
-            torch.minimum(d["col_gap_min"], gap.median(), out=d["col_gap_min"])
+            torch.minimum(d["col_gap_min"], gap.mean(), out=d["col_gap_min"])
         collapsed = ident | uniform
         # few prototypes used: entropy of the batch-mean student probability (rows sum to 1)
         a = probs.detach() if probs is not None and probs.dim() == 2 else mats[0]
@@ -864,7 +864,7 @@ class HealthDoctor(Monitor):
             if 2 * v["col_hits"] > self.collapse_checked:
                 self.collapse_intervals += 1
                 if v["col_uniform"] * 2 > self.collapse_checked:
-                    what = (f"uniform kind: most samples' assignment is near uniform (median entropy "
+                    what = (f"uniform kind: most samples' assignment is near uniform (mean entropy "
                             f"{v['col_gap_min']:.2g} nats below ln K = {math.log(K):.3g}): the targets "
                             "carry no information and the loss sits at ln K. Fix: sharpen the targets: "
                             "lower the teacher temperature (DINO: 0.04, warm-up from 0.04), a slower "
