@@ -224,19 +224,24 @@ def _tensors_in(output: Any) -> list[tuple[Any, torch.Tensor]]:
     return []
 
 
-def prototype_layer(model: nn.Module, prototypes: torch.Tensor) -> Optional[tuple[str, nn.Module]]:
-    """The deepest module of ``model`` that holds the prototypes as a parameter (an ``nn.Linear``
-    or a weight-normalised ``last_layer``): its input is the projection. None for a bare tensor
-    (outside the model, or a parameter of the model itself, used in the loss)."""
-    from torch.nn.utils.parametrize import ParametrizationList
+def _weight_of(module: nn.Module, prototypes: torch.Tensor) -> bool:
+    """Whether ``module`` multiplies by the prototypes as its weight: ``nn.Linear``-like
+    ``.weight``, the old weight norm's ``weight_v``, or a parametrization's original(s)."""
+    from torch.nn.utils import parametrize
 
-    found = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, (ParametrizationList, nn.ModuleDict)) or mod is model:
-            continue  # a weight-normalised layer's internals: the layer itself is the one called
-        if any(p is prototypes for p in mod.parameters()):
-            found = (name, mod)  # pre-order: the last match is the deepest
-    return found
+    if module._parameters.get("weight") is prototypes or module._parameters.get("weight_v") is prototypes:
+        return True
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        return any(getattr(plist, a, None) is prototypes for a in ("original", "original0", "original1"))
+    return False
+
+
+def prototype_layer(model: nn.Module, prototypes: torch.Tensor) -> Optional[tuple[str, nn.Module]]:
+    """The layer of ``model`` whose weight is the prototypes (an ``nn.Linear``, a
+    weight-normalised ``last_layer``): its input is the projection. None for a bare tensor
+    (outside the model, or a parameter used in the loss rather than as a layer's weight)."""
+    return next(((n, m) for n, m in model.named_modules() if _weight_of(m, prototypes)), None)
 
 
 class _Discovery:

@@ -379,3 +379,35 @@ def test_resume_without_restoring_says_not_restored(new_api):
     hub = attach(opt, "head.last_layer", model=live, **_opts())
     assert [x for x in hub.check_checkpoint(ckpt, resumed=True) if x.code == "PROTO_NOT_IN_CHECKPOINT"] == []
     hub.close()
+
+
+def test_capture_rules_when_d_equals_k_and_with_scores():
+    # D == K, a bare tensor: an output with last dim D == K is taken as the projections
+    torch.manual_seed(0)
+    student = SDPNStudent()
+    P = nn.Parameter(torch.randn(D, D))  # K == D
+    opt = torch.optim.SGD([{"params": student.parameters()}, {"params": [P]}], lr=0.1)
+    said: list[str] = []
+    hub = attach(opt, P, model=student, **_opts(console=said.append))
+    p = _snn(student(torch.randn(B, IN))[1], P)
+    (-(p * torch.log(p)).sum(1).mean()).backward()
+    opt.step()
+    hub.close()
+    assert hub._capture[1] == ":1" and any("as the projections" in l for l in said), said
+
+    class Scores(nn.Module):  # returns only the (N, K) scores: the head's (N, D) output wins
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = SDPNStudent()
+            self.P = nn.Parameter(torch.randn(K, D))
+
+        def forward(self, x):
+            return self.body(x)[1] @ F.normalize(self.P, dim=-1).T
+
+    m = Scores()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    hub = attach(opt, m.P, model=m, **_opts())
+    m(torch.randn(B, IN)).logsumexp(-1).mean().backward()
+    opt.step()
+    hub.close()
+    assert hub._capture[1] == "body:1"
