@@ -371,7 +371,7 @@ def _distributed_world() -> int:
 
 #: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
 #: div: largest rank disagreement; col_*: collapsed steps, identical-rows steps, smallest entropy
-#: of the mean assignment.
+#: of the mean assignment, smallest batch-mean gap of the per-sample entropy to ln K.
 _DEV: dict[str, tuple[torch.dtype, float]] = {
     "div": (torch.float64, 0.0),
     "col_hits": (torch.int64, 0), "col_ident": (torch.int64, 0), "col_uniform": (torch.int64, 0),
@@ -413,8 +413,8 @@ class HealthDoctor(Monitor):
         collapse_every: run the collapse check every n steps (it is O(N K)).
         collapse_uniform_gap: a sample's assignment counts as near uniform when its entropy is
             within this many nats of ln K; the uniform kind of PROTO_COLLAPSE is more than half
-            of the samples so, in more than half of an interval's steps. The teacher targets are
-            judged on the student probabilities and on the teacher targets (these only while the
+            of the samples so, in more than half of an interval's steps. It is judged on the
+            student probabilities and on the teacher targets (these only while the
             student's rows differ: Sinkhorn makes the targets of identical rows uniform, which is
             the one-prototype kind).
         collapse_embed_tol: embeddings given to ``on_embeddings`` count as identical when each
