@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=_positive, default=128, help="prototype dim D")
     ap.add_argument("--num-proto", type=_positive, default=512, help="number of prototypes K")
     ap.add_argument("--capture", action="store_true", help="attach(capture='head'): assignments per step")
+    ap.add_argument("--no-auto-capture", action="store_true",
+                    help="attach(capture=False): without the capture found from model= (every 5 steps)")
     ap.add_argument("--wandb", action="store_true", help="write an offline W&B run (else no sink)")
     ap.add_argument("--monitors", default="default", help="monitors to attach ('none': the hooks and hub only)")
     ap.add_argument("--malloc", choices=("keep", "system"), default="keep",
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     # the two setups differ in nothing but the hooks (two model instances differed by +-3 %).
     s = Setup(args)
     tmp = tempfile.mkdtemp(prefix="bench_attach_")
-    extra = {"capture": "head"} if args.capture else {}
+    extra = {"capture": "head"} if args.capture else ({"capture": False} if args.no_auto_capture else {})
     perf = _PerfSink()
     t_attach = time.perf_counter()
     s.hub = attach(s.opt, s.P, model=s.student, run=None if args.wandb else False,

@@ -11,6 +11,8 @@ not wrapped. Prints the number of checked hook calls and exits 1 if any monitor 
 
 With ``--num-proto``/``--dim`` (DINO's 65,536 x 256) it also prints the time to read P twice
 on the device and the per-step monitor time as a multiple of it (target: within 3x).
+
+Then the same for ``attach()`` on a foreign loop (see :func:`attach_phase`).
 """
 from __future__ import annotations
 
@@ -120,6 +122,77 @@ def main() -> int:
         print("SYNC FOUND:\n  " + "\n  ".join(failed))
         return 1
     print(f"no host-device synchronisation in {sum(checked.values())} per-step monitor hook calls")
+    return attach_phase(args.steps)
+
+
+def attach_phase(steps: int, device: str = "cuda") -> int:
+    """attach() on a foreign SDPN-style loop on the GPU (automatic capture, a declared freeze, an
+    EMA teacher): every step runs under sync_debug_mode="error" except the log-interval flush, so
+    the hooks attach() adds (the capture, the assignments, the new checks) are covered too. The
+    loop itself is written not to synchronise."""
+    import copy
+    import math
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from monitors import attach
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(80, 256), nn.GELU(), nn.Linear(256, 128)).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    P = nn.Parameter(torch.empty(512, 128, device=device).uniform_(-1 / math.sqrt(128), 1 / math.sqrt(128)))
+    opt = torch.optim.SGD([{"params": student.parameters()}, {"params": [P], "weight_decay": 0.0}], lr=0.1,
+                          momentum=0.9)
+    hub = attach(opt, P, model=student, teacher=teacher, freeze_steps=5, run=False, console=False,
+                 tsne={"background": False})
+    strict = device == "cuda"
+    original_flush = hub_module.MonitorHub.flush
+
+    def lenient_flush(self):  # the log interval may read device values
+        if strict:
+            torch.cuda.set_sync_debug_mode("default")
+        try:
+            return original_flush(self)
+        finally:
+            if strict:
+                torch.cuda.set_sync_debug_mode("error")
+
+    hub_module.MonitorHub.flush = lenient_flush
+    x_all = torch.randn(steps, 96, 80, device=device)
+    error: Exception | None = None
+    if strict:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(steps):
+            x = x_all[step]
+            p = torch.softmax(F.normalize(student(x), dim=-1) @ F.normalize(P, dim=-1).T / 0.1, dim=-1)
+            with torch.no_grad():
+                t = torch.softmax(F.normalize(teacher(x), dim=-1) @ F.normalize(P, dim=-1).T / 0.025, dim=-1)
+            loss = -(t * torch.log(p + 1e-8)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < 5:
+                P.grad = None
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 0.01)
+    except RuntimeError as exc:  # a synchronisation in the loop or the hooks
+        error = exc
+    finally:
+        if strict:
+            torch.cuda.set_sync_debug_mode("default")
+        hub_module.MonitorHub.flush = original_flush
+    hub.close()
+    failed = [str(f) for f in hub.findings if f.code == "MONITOR_FAILED"]
+    if error is not None or failed:
+        print("SYNC FOUND in the attach() phase:\n  " + "\n  ".join([repr(error)] * (error is not None) + failed))
+        return 1
+    serious = [str(f) for f in hub.findings if f.severity != "info"]
+    print(f"attach() phase: {steps} steps of a foreign loop (capture {hub._capture[1] if hub._capture else None!r}, "
+          f"freeze 5 steps, EMA teacher) with no host-device synchronisation outside the log interval; "
+          f"findings above info: {serious or 'none'}")
     return 0
 
 

@@ -64,9 +64,10 @@ OPTIONS: dict[str, Any] = {
     "exp_dir": None,               # local records in exp_dir/records; W&B run dir under exp_dir
     "dir": None,                   # W&B directory (default: exp_dir, else the current directory)
     "freeze_steps": 0,             # steps during which frozen prototypes are intended (lr-0 warm-up)
-    "capture": None,               # "module.name" or "module.name:i" in model: the projections
+    "capture": None,               # "module.name" / "module.name:i" in model; None: found automatically; False: off
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
+    "capture_every": None,         # derive them every n steps (None: 1 with capture="name", 5 when found automatically)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)
@@ -183,11 +184,12 @@ def resolve_prototypes(prototypes: Union[torch.Tensor, nn.Module, str],
     return obj, name
 
 
-def _parse_capture(capture: Optional[str], model: Optional[nn.Module]) -> Optional[tuple[nn.Module, str, Any]]:
-    if capture is None:
+def _parse_capture(capture: Any, model: Optional[nn.Module]) -> Optional[tuple[nn.Module, str, Any]]:
+    if capture is None or capture is False:
         return None
     if not isinstance(capture, str):
-        raise TypeError(f"capture must be a module name in model (e.g. 'head' or 'head:0'), got {type(capture).__name__}")
+        raise TypeError("capture must be a module name in model (e.g. 'head' or 'head:0'), None (found "
+                        f"automatically) or False (off), got {type(capture).__name__}")
     if model is None:
         raise ValueError(f"capture={capture!r} names a module of the model: pass model= too")
     mod_name, _, index = capture.partition(":")
@@ -205,6 +207,109 @@ def _parse_capture(capture: Optional[str], model: Optional[nn.Module]) -> Option
     return modules[mod_name], capture, key
 
 
+# -- automatic capture ----------------------------------------------------------------------------
+#: capture key meaning "the module's input" (the prototype layer's input is the projection)
+INPUT = "<input>"
+
+
+def _tensors_in(output: Any) -> list[tuple[Any, torch.Tensor]]:
+    """(key, tensor) of an output: the tensor itself (key None), or the elements of a tuple/list
+    (index) or dict (key), one level deep."""
+    if isinstance(output, torch.Tensor):
+        return [(None, output)]
+    if isinstance(output, (tuple, list)):
+        return [(i, t) for i, t in enumerate(output) if isinstance(t, torch.Tensor)]
+    if isinstance(output, Mapping):
+        return [(k, t) for k, t in output.items() if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _weight_of(module: nn.Module, prototypes: torch.Tensor) -> bool:
+    """Whether ``module`` multiplies by the prototypes as its weight: ``nn.Linear``-like
+    ``.weight``, the old weight norm's ``weight_v``, or a parametrization's original(s)."""
+    from torch.nn.utils import parametrize
+
+    if module._parameters.get("weight") is prototypes or module._parameters.get("weight_v") is prototypes:
+        return True
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        return any(getattr(plist, a, None) is prototypes for a in ("original", "original0", "original1"))
+    return False
+
+
+def prototype_layer(model: nn.Module, prototypes: torch.Tensor) -> Optional[tuple[str, nn.Module]]:
+    """The layer of ``model`` whose weight is the prototypes (an ``nn.Linear``, a
+    weight-normalised ``last_layer``): its input is the projection. None for a bare tensor
+    (outside the model, or a parameter used in the loss rather than as a layer's weight)."""
+    return next(((n, m) for n, m in model.named_modules() if _weight_of(m, prototypes)), None)
+
+
+class _Discovery:
+    """Finds, in the first training-mode forward pass of ``model``, the output that lives in the
+    prototypes' space, then hands the choice to the hub (see :func:`attach`, ``capture``).
+
+    Preference: (1) the input of the layer that holds the prototypes (SwAV's ``prototypes``
+    ``nn.Linear``, DINO's ``last_layer``): the projections it multiplies; (2) the output with last
+    dimension D (projections) that completed last (the outermost module: the model itself when it
+    returns them; in a tuple or dict, the last such element); (3) the same with last dimension K
+    (scores). When D == K an output counts as projections (cosine to the prototypes)."""
+
+    def __init__(self, hub: "AttachedHub", model: nn.Module) -> None:
+        self.hub, self.model = hub, model
+        K, D = hub.ctx.prototypes.shape
+        self.K, self.D = K, D
+        layer = prototype_layer(model, hub.ctx.prototypes)
+        self.layer = layer[1] if layer is not None else None
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.cands: list[tuple[int, int, str, Any, nn.Module, torch.Tensor]] = []  # (prio, order, name, key, mod, t)
+        self.order = 0
+        self.done = False
+        self.handles: list[Any] = []
+
+    def install(self) -> list[Any]:
+        self.handles = [m.register_forward_hook(self._hook) for m in self.model.modules()]
+        return self.handles
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.done or not module.training:
+            return
+        self.order += 1
+        name = self.names.get(id(module), "?")
+        if module is self.layer and args and isinstance(args[0], torch.Tensor) and args[0].shape[-1] == self.D:
+            self.cands.append((0, self.order, name, INPUT, module, args[0].detach()))
+        for key, t in _tensors_in(output):
+            if t.dim() >= 2 and t.is_floating_point() and t.shape[-1] in (self.D, self.K):
+                prio = 1 if t.shape[-1] == self.D else 2
+                self.cands.append((prio, self.order, name, key, module, t.detach()))
+        if module is self.model:
+            self.choose()
+
+    def choose(self) -> None:
+        """Pick the capture (at the model's first forward, or at the first optimizer step)."""
+        if self.done:
+            return
+        self.done = True
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        hub = self.hub
+        if not self.cands:
+            hub._say_capture("capture: no output of the model has the prototypes' dim D="
+                             f"{self.D} or K={self.K}: usage and PROTO_COLLAPSE need attach(capture='module') "
+                             "or hub.log_outputs(student_probs=...)")
+            return
+        prio, _, name, key, module, _ = min(self.cands, key=lambda c: (c[0], -c[1]))
+        chunks = [c[5] for c in self.cands if c[2] == name and c[3] == key and c[4] is module]
+        hub._set_capture(module, name, key, chunks if hub.ctx.step % hub.capture_every == 0 else [])
+        shape = tuple(chunks[-1].shape)
+        what = {0: f"the input of {name!r}, the layer holding the prototypes",
+                1: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else ""),
+                2: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else "")}[prio]
+        kind = "projections (cosine to the prototypes)" if prio < 2 else "scores per prototype"
+        hub._say_capture(f"capture: {what}, shape {shape}, as the {kind}; attach(capture='module') picks "
+                         "another, capture=False turns this off")
+
+
 # -- the hub ------------------------------------------------------------------------------------
 class AttachedHub(MonitorHub):
     """A :class:`MonitorHub` that drives its own events from hooks on a foreign loop.
@@ -220,12 +325,18 @@ class AttachedHub(MonitorHub):
                  console: Optional[Callable[[str], None]] = _print_console,
                  capture: Optional[tuple[nn.Module, str, Any]] = None,
                  accumulate_grad_batches: int = 1, assign_temperature: float = 0.1,
-                 install_hooks: bool = True) -> None:
+                 install_hooks: bool = True, auto_capture: bool = False,
+                 capture_every: Optional[int] = None) -> None:
         super().__init__(monitors, sinks, log_every=log_every, stop_on_error=stop_on_error, console=console)
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
         if not assign_temperature > 0:
             raise ValueError(f"assign_temperature must be > 0, got {assign_temperature!r}")
+        if capture_every is None:
+            capture_every = 5 if auto_capture and capture is None else 1
+        if isinstance(capture_every, bool) or not isinstance(capture_every, int) or capture_every < 1:
+            raise ValueError(f"capture_every must be an integer >= 1, got {capture_every!r}")
+        self.capture_every = capture_every
         self.ctx = ctx
         self.accumulate_grad_batches = accumulate_grad_batches
         self.assign_temperature = float(assign_temperature)
@@ -239,22 +350,36 @@ class AttachedHub(MonitorHub):
         self._assign: Optional[torch.Tensor] = None  # (N, K) derived at the pre-step hook
         self._group_index: Optional[int] = None
         self._started = False
-        if install_hooks:
-            self._install_hooks()
-        elif capture is not None:
-            self._handles.append(capture[0].register_forward_hook(self._on_forward))
+        self._discovery: Optional[_Discovery] = (
+            _Discovery(self, ctx.model) if auto_capture and capture is None and isinstance(ctx.model, nn.Module) else None)
+        self._install_hooks(optimizer_hooks=install_hooks)
+
+    def _say_capture(self, line: str) -> None:
+        if self.console is not None and self.ctx.is_main_process:
+            self.console(line)
+
+    def _set_capture(self, module: nn.Module, name: str, key: Any, chunks: list[torch.Tensor]) -> None:
+        """Capture ``module``'s output (or input: ``key == INPUT``) from now on; ``chunks`` are its
+        outputs already seen in this step."""
+        self._capture = (module, name if key is None else f"{name}:{key}", key)
+        self._handles.append(module.register_forward_hook(self._on_forward))
+        if self._eval_chunks is None:
+            self._step_chunks.extend(chunks[:64])
 
     # -- hooks ------------------------------------------------------------------------------
-    def _install_hooks(self) -> None:
+    def _install_hooks(self, optimizer_hooks: bool = True) -> None:
         ctx = self.ctx
         p = ctx.prototypes
-        if p.is_leaf and p.requires_grad:  # otherwise the pre-step hook emits on_after_backward
-            self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        if ctx.optimizer is not None:
-            self._handles.append(ctx.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.notify_before_step()))
-            self._handles.append(ctx.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.notify_after_step()))
+        if optimizer_hooks:
+            if p.is_leaf and p.requires_grad:  # otherwise the pre-step hook emits on_after_backward
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            if ctx.optimizer is not None:
+                self._handles.append(ctx.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.notify_before_step()))
+                self._handles.append(ctx.optimizer.register_step_post_hook(lambda opt, args, kwargs: self.notify_after_step()))
         if self._capture is not None:
             self._handles.append(self._capture[0].register_forward_hook(self._on_forward))
+        elif self._discovery is not None and not self._discovery.done:
+            self._handles.extend(self._discovery.install())
 
     def _on_grad(self, param: torch.Tensor) -> None:
         # runs inside backward: the other gradients are not accumulated yet, so wait for the end
@@ -267,7 +392,9 @@ class AttachedHub(MonitorHub):
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         key = self._capture[2] if self._capture is not None else None
         out = output
-        if key is not None:  # "name:i" / "name:key" picks from a tuple, list or dict output
+        if key == INPUT:  # the prototype layer's input: the projections
+            out = args[0] if args else None
+        elif key is not None:  # "name:i" / "name:key" picks from a tuple, list or dict output
             try:
                 out = output[key] if isinstance(output, (tuple, list, Mapping)) else None
             except (IndexError, KeyError):
@@ -277,7 +404,7 @@ class AttachedHub(MonitorHub):
         out = out.detach()
         if self._eval_chunks is not None:
             self._eval_chunks.append(out)
-        elif module.training and len(self._step_chunks) < 64:
+        elif module.training and len(self._step_chunks) < 64 and self.ctx.step % self.capture_every == 0:
             self._step_chunks.append(out)
 
     # -- driving the events ------------------------------------------------------------------
@@ -299,6 +426,8 @@ class AttachedHub(MonitorHub):
         if not self._backward_emitted:
             self._backward_emitted = True
             self.emit("on_after_backward", self.ctx)
+        if self._discovery is not None and not self._discovery.done:
+            self._discovery.choose()  # the model itself was never called: choose from what ran
         self._assign = self._derive_assignments()
         self.emit("on_before_optimizer_step", self.ctx)
 
@@ -418,7 +547,8 @@ class AttachedHub(MonitorHub):
         """
         if self._capture is None:
             raise ValueError("hub.capture() needs attach(..., capture='<module name>'): the module whose "
-                             "output is the projection; or call hub.log_embeddings(embeddings, labels)")
+                             "output is the projection (found automatically at the first training step when "
+                             "model= is given); or call hub.log_embeddings(embeddings, labels)")
         cap = _Capture(labels)
         self._eval_chunks = []
         try:
@@ -434,11 +564,15 @@ class AttachedHub(MonitorHub):
             self.log_embeddings(emb, lab)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def check_checkpoint(self, checkpoint: Union[Mapping[str, Any], str, os.PathLike]) -> list[Finding]:
+    def check_checkpoint(self, checkpoint: Union[Mapping[str, Any], str, os.PathLike],
+                         resumed: bool = False) -> list[Finding]:
         """Check that a checkpoint (a dict, or a path loaded on the CPU) holds the current
         prototypes (``PROTO_NOT_IN_CHECKPOINT``, error) and their optimizer state
         (``PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT``, warning). Emits ``on_save_checkpoint``.
-        Returns the findings about this checkpoint (also when already reported earlier)."""
+        ``resumed=True``: the run was just resumed from it: emits ``on_load_checkpoint``, and a
+        prototype tensor there that differs from the live one is reported as "not restored"
+        (warning) rather than missing. Returns the findings about this checkpoint (also when
+        already reported earlier)."""
         from .health import check_checkpoint, find_prototypes_in_checkpoint, prototype_optimizer_state_in_checkpoint
 
         if isinstance(checkpoint, (str, os.PathLike)):
@@ -450,12 +584,13 @@ class AttachedHub(MonitorHub):
         if not self._closed:  # after close() the answer is still given, nothing is written
             ctx.checkpoint = checkpoint  # type: ignore[assignment]
             try:
-                self.emit("on_save_checkpoint", ctx)
+                self.emit("on_load_checkpoint" if resumed else "on_save_checkpoint", ctx)
             finally:
                 ctx.checkpoint = None
         found = list(self.findings[n_before:])
         # the doctor's own check again: its finding is reported once per run, the answer is per call
-        mine: list[Finding] = list(check_checkpoint(checkpoint, ctx.prototypes, step=ctx.step))
+        mine: list[Finding] = list(check_checkpoint(checkpoint, ctx.prototypes, step=ctx.step, loaded=resumed,
+                                                    name=ctx.extra.get("prototypes_name")))
         keys = [] if mine else find_prototypes_in_checkpoint(checkpoint, ctx.prototypes)
         if keys and ctx.optimizer is not None and _in_optimizer(ctx.prototypes, ctx.optimizer) \
                 and not prototype_optimizer_state_in_checkpoint(checkpoint, ctx.prototypes, ctx.optimizer):
@@ -487,6 +622,8 @@ class AttachedHub(MonitorHub):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._discovery is not None:
+            self._discovery.handles = []
 
     def reattach(self) -> None:
         """Install the hooks again after :meth:`detach` (e.g. to watch only part of a run)."""
@@ -568,6 +705,30 @@ def split_options(options: Mapping[str, Any], extra_valid: Sequence[str] = ()) -
     return hub_opts, overrides
 
 
+def _resolve_teacher(teacher: Any, model: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``teacher=``: a module, or a dotted attribute path in ``model`` (the Lightning callback:
+    ``teacher="teacher"`` in the LightningModule)."""
+    if teacher is None or isinstance(teacher, nn.Module):
+        return teacher
+    if isinstance(teacher, str):
+        if model is None:
+            raise ValueError(f"teacher={teacher!r} is a name, but no model was given to resolve it in: "
+                             "pass model=, or the teacher module itself")
+        obj: Any = model
+        for part in teacher.split("."):
+            if not hasattr(obj, part):
+                close = difflib.get_close_matches(teacher, [n for n, _ in model.named_modules() if n], n=3, cutoff=0.4)
+                raise ValueError(f"teacher={teacher!r} was not found in {type(model).__name__}"
+                                 + (f"; close names: {', '.join(close)}" if close else "")
+                                 + ". Pass the attribute path of the EMA teacher module, or the module itself.")
+            obj = getattr(obj, part)
+        if isinstance(obj, nn.Module):
+            return obj
+        raise TypeError(f"teacher={teacher!r} resolves to a {type(obj).__name__}, not an nn.Module")
+    raise TypeError(f"teacher must be the EMA teacher nn.Module (or its attribute path in model), got "
+                    f"{type(teacher).__name__}")
+
+
 def _dist_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -593,9 +754,14 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
         world_size = w if world_size is None else world_size
     exp_dir = hub_opts["exp_dir"]
     config = dict(hub_opts["config"] or {})
+    teacher = _resolve_teacher(hub_opts["teacher"], model)
+    freeze_steps = hub_opts["freeze_steps"]
+    if isinstance(freeze_steps, bool) or not isinstance(freeze_steps, int) or freeze_steps < 0:
+        raise ValueError(f"freeze_steps must be an integer >= 0 (the steps of an intended freeze of the "
+                         f"prototypes, e.g. freeze_last_layer epochs x steps per epoch), got {freeze_steps!r}")
     ctx = RunContext(
-        prototypes=tensor, optimizer=optimizer, model=model, teacher=hub_opts["teacher"], config=config,
-        rank=rank, world_size=world_size, freeze_steps=int(hub_opts["freeze_steps"]),
+        prototypes=tensor, optimizer=optimizer, model=model, teacher=teacher, config=config,
+        rank=rank, world_size=world_size, freeze_steps=freeze_steps,
         param_groups=dict(hub_opts["param_groups"] or {}), exp_dir=None if exp_dir is None else str(exp_dir),
         extra={"prototypes_name": name, "integration": "attach"},
     )
@@ -622,7 +788,8 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
         console = None
     return AttachedHub(ctx, mons, sinks, log_every=hub_opts["log_every"], stop_on_error=hub_opts["stop_on_error"],
                        console=console, capture=capture, accumulate_grad_batches=hub_opts["accumulate_grad_batches"],
-                       assign_temperature=hub_opts["assign_temperature"], install_hooks=install_hooks)
+                       assign_temperature=hub_opts["assign_temperature"], install_hooks=install_hooks,
+                       auto_capture=hub_opts["capture"] is None, capture_every=hub_opts["capture_every"])
 
 
 def attach(optimizer: torch.optim.Optimizer, prototypes: Union[torch.Tensor, nn.Module, str],

@@ -35,6 +35,11 @@ PROTO_COLLAPSE = "PROTO_COLLAPSE"
 PROTO_DUPLICATES = "PROTO_DUPLICATES"
 PROTO_NORM_OUT_OF_RANGE = "PROTO_NORM_OUT_OF_RANGE"
 SINK_FAILED = "SINK_FAILED"  # reported by the hub (monitors/hub.py), not by the doctor
+# reported by monitors.trainer_checks.TrainerChecks (the `checks` monitor)
+PROTO_GRAD_NOT_AVERAGED = "PROTO_GRAD_NOT_AVERAGED"
+PROTO_FREEZE_IGNORED = "PROTO_FREEZE_IGNORED"
+TEACHER_SHARES_STUDENT = "TEACHER_SHARES_STUDENT"
+TEACHER_NOT_UPDATING = "TEACHER_NOT_UPDATING"
 
 #: code -> (default severity, what it means, the fix). docs/findings.md mirrors this table.
 CODES: dict[str, tuple[str, str, str]] = {
@@ -99,12 +104,16 @@ CODES: dict[str, tuple[str, str, str]] = {
     ),
     PROTO_COLLAPSE: (
         "warning",
-        "assignments collapsed: every row of the batch maps to the same assignment, or the "
-        "batch-mean student probability uses few prototypes (perplexity < "
-        "max(2, collapse_min_fraction * min(K, N))) in most steps of a log interval; error "
-        "after `collapse_patience` consecutive intervals",
-        "balance the targets (Sinkhorn, centering), keep the mean-entropy (me-max) "
-        "regulariser, lower the lr, and check that the inputs and augmentations differ",
+        "assignments collapsed in most steps of a log interval, of one of two kinds. One "
+        "prototype: every row of the batch maps to the same assignment, or the batch-mean student "
+        "probability uses few prototypes (perplexity < max(2, collapse_min_fraction * min(K, N))). "
+        "Uniform: most samples' assignment entropy is within `collapse_uniform_gap` nats of ln K "
+        "(the loss stuck at ln K). Also when embeddings logged are (near-)identical. Error after "
+        "`collapse_patience` consecutive intervals",
+        "one-prototype kind: balance the targets (Sinkhorn, centering), keep the mean-entropy "
+        "(me-max) regulariser, lower the lr, and check that the inputs and augmentations differ; "
+        "uniform kind: sharpen the targets: lower the teacher temperature (DINO: 0.04, warm-up "
+        "from 0.04), a slower center momentum (0.9), sharpening in SDPN/MSN",
     ),
     PROTO_DUPLICATES: (
         "warning",
@@ -125,6 +134,34 @@ CODES: dict[str, tuple[str, str, str]] = {
         "W&B sink fell back to an offline run; training and the other sinks (local records) go on",
         "for W&B: upload the offline run later with the printed `wandb sync <run dir>`; check "
         "the network, WANDB_BASE_URL and wandb_init_timeout; otherwise free disk space",
+    ),
+    PROTO_GRAD_NOT_AVERAGED: (
+        "warning",
+        "under torch.distributed the prototypes' gradient is the sum of the ranks' local gradients, "
+        "not their mean (compared every `grad_avg_every` steps: one all-reduce of (K, D)): SGD "
+        "trains them at world_size x the lr; info when the optimizer is invariant to the gradient's "
+        "scale (Adam, AdamW, RMSprop, Adagrad, LARS/LARC, LAMB)",
+        "average: dist.all_reduce(prototypes.grad); prototypes.grad /= dist.get_world_size(), or "
+        "dist.all_reduce(prototypes.grad, op=dist.ReduceOp.AVG)",
+    ),
+    PROTO_FREEZE_IGNORED: (
+        "warning",
+        "a freeze was declared (freeze_steps, freeze_last_layer) but the prototypes changed across "
+        "optimizer.step() during it: the gradient-cancelling function matches no parameter name",
+        "cancel the prototypes' own gradient while step < freeze_steps: prototypes.grad = None "
+        "before optimizer.step(), or match their parameter name; freeze the student, not the teacher",
+    ),
+    TEACHER_SHARES_STUDENT: (
+        "error",
+        "the teacher's parameters share storage with the student's (the teacher is the student's "
+        "own tensors, not a copy), so the EMA is a no-op",
+        "build the teacher as a copy: teacher = copy.deepcopy(student); teacher.requires_grad_(False)",
+    ),
+    TEACHER_NOT_UPDATING: (
+        "warning",
+        "the teacher has not changed for `teacher_patience` steps while the student trained: "
+        "the EMA update is not applied (or its momentum is 1)",
+        "after optimizer.step() update the teacher every step: t = m * t + (1 - m) * s with m < 1",
     ),
 }
 
@@ -202,11 +239,17 @@ def find_prototypes_in_checkpoint(checkpoint: Any, prototypes: torch.Tensor) -> 
     return [_path_str(path) for path, t in _walk(checkpoint, (), set()) if match(t)]
 
 
-def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor) -> list[str]:
-    """Paths of tensors with the prototypes' shape whose key mentions "proto"."""
+def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor, name: Optional[str] = None) -> list[str]:
+    """Paths of tensors with the prototypes' shape whose key mentions "proto" or ends with the
+    watched tensor's own name (``head.last_layer.weight_v``, ``...parametrizations.weight.original1``)."""
+    tails = {name, name.removeprefix("module.")} if name and name != "prototypes" else set()
+
+    def named(path: str) -> bool:
+        return "proto" in path.lower() or any(path.endswith(t) for t in tails if t)
+
     return [
         _path_str(path) for path, t in _walk(checkpoint, (), set())
-        if t.shape == prototypes.shape and "proto" in _path_str(path).lower()
+        if t.shape == prototypes.shape and named(_path_str(path))
     ]
 
 
@@ -277,13 +320,15 @@ def prototype_optimizer_state_in_checkpoint(checkpoint: Any, prototypes: torch.T
     return False
 
 
-def check_checkpoint(checkpoint: Any, prototypes: torch.Tensor, step: int = 0, loaded: bool = False) -> list[Finding]:
+def check_checkpoint(checkpoint: Any, prototypes: torch.Tensor, step: int = 0, loaded: bool = False,
+                     name: Optional[str] = None) -> list[Finding]:
     """Findings about a checkpoint dict: [] when it holds the prototypes. ``loaded=True``
     words the message for a checkpoint that was just resumed from (the prototypes must then
-    equal the saved ones)."""
+    equal the saved ones): a tensor of their shape saved under a prototype name (``*proto*``, or
+    the watched tensor's ``name``) that differs from them was "not restored"."""
     if find_prototypes_in_checkpoint(checkpoint, prototypes):
         return []
-    candidates = _proto_like_paths(checkpoint, prototypes)
+    candidates = _proto_like_paths(checkpoint, prototypes, name)
     if loaded and candidates:
         return [Finding(PROTO_NOT_IN_CHECKPOINT, "warning", step, (
             f"the checkpoint holds prototypes at {candidates[0]!r} but the current prototypes "
@@ -334,11 +379,11 @@ def _distributed_world() -> int:
 
 #: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
 #: div: largest rank disagreement; col_*: collapsed steps, identical-rows steps, smallest entropy
-#: of the mean assignment.
+#: of the mean assignment, smallest batch-mean gap of the per-sample entropy to ln K.
 _DEV: dict[str, tuple[torch.dtype, float]] = {
     "div": (torch.float64, 0.0),
-    "col_hits": (torch.int64, 0), "col_ident": (torch.int64, 0),
-    "col_ent_min": (torch.float32, math.inf),
+    "col_hits": (torch.int64, 0), "col_ident": (torch.int64, 0), "col_uniform": (torch.int64, 0),
+    "col_ent_min": (torch.float32, math.inf), "col_gap_min": (torch.float32, math.inf),
 }
 
 
@@ -374,6 +419,14 @@ class HealthDoctor(Monitor):
         collapse_patience: consecutive collapsed log intervals before the warning turns error.
         collapse_warmup: steps ignored by the collapse check.
         collapse_every: run the collapse check every n steps (it is O(N K)).
+        collapse_uniform_gap: a sample's assignment counts as near uniform when its entropy is
+            within this many nats of ln K; the uniform kind of PROTO_COLLAPSE is more than half
+            of the samples so, in more than half of an interval's steps. It is judged on the
+            student probabilities and on the teacher targets (these only while the
+            student's rows differ: Sinkhorn makes the targets of identical rows uniform, which is
+            the one-prototype kind).
+        collapse_embed_tol: embeddings given to ``on_embeddings`` count as identical when each
+            is within this fraction of their mean norm from their mean.
         dup_cosine, dup_fraction: PROTO_DUPLICATES when more than ``dup_fraction`` of the
             prototypes have another one at cosine > ``dup_cosine``.
         dup_max_rows: rows compared against all others (a random subset when K is larger).
@@ -405,6 +458,8 @@ class HealthDoctor(Monitor):
         collapse_patience: int = 3,
         collapse_warmup: int = 0,
         collapse_every: int = 1,
+        collapse_uniform_gap: float = 0.01,
+        collapse_embed_tol: float = 1e-3,
         dup_cosine: float = 0.99,
         dup_fraction: float = 0.1,
         dup_max_rows: int = 4096,
@@ -427,6 +482,8 @@ class HealthDoctor(Monitor):
         self.collapse_patience = _check_int(owner, "collapse_patience", collapse_patience, 1)
         self.collapse_warmup = _check_int(owner, "collapse_warmup", collapse_warmup, 0)
         self.collapse_every = _check_int(owner, "collapse_every", collapse_every, 1)
+        self.collapse_uniform_gap = _check_float(owner, "collapse_uniform_gap", collapse_uniform_gap, 0.0)
+        self.collapse_embed_tol = _check_float(owner, "collapse_embed_tol", collapse_embed_tol, 0.0)
         self.dup_cosine = _check_float(owner, "dup_cosine", dup_cosine, -1.0, 1.0)
         self.dup_fraction = _check_float(owner, "dup_fraction", dup_fraction, 0.0, 1.0)
         self.dup_max_rows = _check_int(owner, "dup_max_rows", dup_max_rows, 1)
@@ -748,8 +805,25 @@ class HealthDoctor(Monitor):
         # The largest column range over the rows, in units of 1/K, of each matrix.
         x = torch.stack(mats) if len(mats) == 2 and mats[0].shape == mats[1].shape else mats[0][None]
         lo, hi = torch.aminmax(x, dim=1)  # (M, K)
-        ident = (hi - lo).amax() <= self.collapse_row_tol / x.shape[-1]  # all M identical
-        collapsed = ident
+        spread = (hi - lo).amax(dim=-1)  # (M,) largest column range of each matrix
+        tol = self.collapse_row_tol / x.shape[-1]
+        ident = spread.amax() <= tol  # all M identical
+        # near uniform (the "loss stuck at ln K" kind): most samples' entropy within
+        # collapse_uniform_gap of ln K, in the student probabilities, or in the targets while the
+        # student's rows differ (Sinkhorn makes the targets of identical rows uniform too: that
+        # is the one-prototype kind)
+        uniform = torch.zeros((), dtype=torch.bool, device=x.device)
+        have_p = probs is not None and probs.dim() == 2 and probs.shape[0] >= 2
+        for m, is_target in ((probs, False), (targets, True)):
+            if m is None or m.dim() != 2 or m.shape[0] < 2:
+                continue
+            gap = math.log(m.shape[-1]) - torch.special.entr(m.detach().float()).sum(dim=-1)  # (N,) nats
+            near = (gap <= self.collapse_uniform_gap).float().mean() > 0.5
+            if is_target and have_p:
+                near = near & (spread[0] > tol)
+            uniform = uniform | near
+            torch.minimum(d["col_gap_min"], gap.mean(), out=d["col_gap_min"])
+        collapsed = ident | uniform
         # few prototypes used: entropy of the batch-mean student probability (rows sum to 1)
         a = probs.detach() if probs is not None and probs.dim() == 2 else mats[0]
         n, k = a.shape
@@ -759,7 +833,8 @@ class HealthDoctor(Monitor):
             threshold = max(2.0, self.collapse_min_fraction * min(k, n))  # perplexity
             collapsed = collapsed | (ent < math.log(threshold))
         d["col_hits"].add_(collapsed)
-        d["col_ident"].add_(ident)
+        d["col_ident"].add_(ident & ~uniform)
+        d["col_uniform"].add_(uniform)
         self.collapse_checked += 1
         return None
 
@@ -819,18 +894,27 @@ class HealthDoctor(Monitor):
         if self.collapse_checked > 0:
             if 2 * v["col_hits"] > self.collapse_checked:
                 self.collapse_intervals += 1
-                if v["col_ident"] * 2 > self.collapse_checked:
-                    what = ("every input of the batch maps to the same assignment (the rows of the "
-                            "student probabilities / teacher targets are identical): the "
-                            "representation collapsed, or the inputs are all the same")
+                if v["col_uniform"] * 2 > self.collapse_checked:
+                    what = (f"uniform kind: most samples' assignment is near uniform (mean entropy "
+                            f"{v['col_gap_min']:.2g} nats below ln K = {math.log(K):.3g}): the targets "
+                            "carry no information and the loss sits at ln K. Fix: sharpen the targets: "
+                            "lower the teacher temperature (DINO: 0.04, warm-up from 0.04), a slower "
+                            "center momentum (0.9), sharpening in SDPN/MSN; check that the centering does "
+                            "not dominate")
+                elif v["col_ident"] * 2 > self.collapse_checked:
+                    what = ("one-prototype kind: every input of the batch maps to the same assignment (the "
+                            "rows of the student probabilities / teacher targets are identical): the "
+                            "representation collapsed, or the inputs are all the same. Fix: balance the "
+                            "targets (Sinkhorn, centering), keep the me-max regulariser, lower the lr, and "
+                            "check that the inputs and augmentations differ")
                 else:
-                    what = (f"the batch-mean student probability uses few prototypes (perplexity "
-                            f"{math.exp(v['col_ent_min']):.3g} of {K})")
+                    what = (f"one-prototype kind: the batch-mean student probability uses few prototypes "
+                            f"(perplexity {math.exp(v['col_ent_min']):.3g} of {K}). Fix: balance the "
+                            "targets (Sinkhorn, centering), keep the me-max regulariser, lower the lr")
                 sev = "error" if self.collapse_intervals >= self.collapse_patience else "warning"
                 self._say(ctx, PROTO_COLLAPSE, sev, (
                     f"assignment collapse in {int(v['col_hits'])} of {self.collapse_checked} steps up to "
-                    f"step {step} ({self.collapse_intervals} log interval(s) in a row): {what}. Fix: "
-                    f"{_fix(PROTO_COLLAPSE)}."
+                    f"step {step} ({self.collapse_intervals} log interval(s) in a row), {what}."
                 ))
             else:
                 self.collapse_intervals = 0
@@ -852,7 +936,9 @@ class HealthDoctor(Monitor):
         d["div"].zero_()
         d["col_hits"].zero_()
         d["col_ident"].zero_()
+        d["col_uniform"].zero_()
         d["col_ent_min"].fill_(math.inf)
+        d["col_gap_min"].fill_(math.inf)
         self.collapse_checked = 0
         return None
 
@@ -918,6 +1004,25 @@ class HealthDoctor(Monitor):
         self.stuck_longest = max(self.stuck_longest, longest)
         self.nonfinite_seen = self.nonfinite_seen or bool(flags[n_g + n_s])
 
+    def on_embeddings(self, ctx: RunContext) -> Metrics:
+        """PROTO_COLLAPSE when the embeddings handed over (``hub.log_embeddings``, an eval
+        capture) are (near-)identical. Not a step event: reading the value is allowed."""
+        x = ctx.embeddings
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 2:
+            return None
+        x = x.detach().float()
+        spread = (x - x.mean(dim=0)).norm(dim=1).amax()
+        scale = x.norm(dim=1).mean().clamp_min(1e-12)
+        rel = float(spread / scale)  # note: a sync point; embeddings events only
+        if rel <= self.collapse_embed_tol:
+            self._say(ctx, PROTO_COLLAPSE, "warning", (
+                f"the {x.shape[0]} embeddings logged at step {ctx.step} are (near-)identical (each within "
+                f"{rel:.2g} of their norm from their mean): every input maps to the same output, the "
+                "one-prototype kind of collapse. Fix: balance the targets (Sinkhorn, centering), keep the "
+                "me-max regulariser, lower the lr, and check that the inputs and augmentations differ."
+            ))
+        return None
+
     def on_save_checkpoint(self, ctx: RunContext) -> Metrics:
         if ctx.checkpoint is None:
             return None
@@ -928,7 +1033,8 @@ class HealthDoctor(Monitor):
     def on_load_checkpoint(self, ctx: RunContext) -> Metrics:
         if ctx.checkpoint is None:
             return None
-        for f in check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=True):
+        for f in check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=True,
+                                  name=ctx.extra.get("prototypes_name")):
             self._say(ctx, f.code, f.severity, f.message)
         return None
 

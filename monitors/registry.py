@@ -19,10 +19,12 @@ REGISTRY: dict[str, str] = {
     "tsne": "monitors.tsne:TSNEMonitor",
     "evolution": "monitors.evolution:EvolutionMonitor",
     "health": "monitors.health:HealthDoctor",
+    "checks": "monitors.trainer_checks:TrainerChecks",
 }
 
 #: what ``monitors="default"`` means
-DEFAULT: tuple[str, ...] = ("norms", "gradients", "deltas", "usage", "similarity", "tsne", "evolution", "health")
+DEFAULT: tuple[str, ...] = ("norms", "gradients", "deltas", "usage", "similarity", "tsne", "evolution", "health",
+                              "checks")
 
 MonitorSpec = Union[str, Sequence[Union[str, Monitor]], Mapping[str, Mapping[str, Any]], None]
 

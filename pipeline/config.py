@@ -96,6 +96,11 @@ class Config:
     bug_proto_not_in_checkpoint: bool = False
     bug_no_grad_allreduce: bool = False
     bug_non_leaf_prototypes: bool = False
+    # -- bugs of trainers in use today (experiments/bugs/, issue 11) ---------------------------
+    bug_grad_allreduce_sum: bool = False       # 3D-Speaker's AllReduceSum: the prototype gradient summed over ranks
+    bug_freeze_by_name: bool = False           # freeze_last_layer cancels names with 'last_layer': none match
+    bug_teacher_shares_student: bool = False   # the teacher is the student's own tensors, not a copy
+    bug_no_ema: bool = False                   # the EMA update of the teacher is never applied
 
     def validate(self) -> "Config":
         for key in ("num_proto", "output_dim", "embed_dim", "channels", "hidden_dim", "epochs",

@@ -205,8 +205,8 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     student = build_model(channels=cfg.channels, embed_dim=cfg.embed_dim, scale=cfg.scale,
                           output_dim=cfg.output_dim, hidden_dim=cfg.hidden_dim,
                           nlayers=cfg.head_layers).to(device)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
+    teacher = student if cfg.bug_teacher_shares_student else copy.deepcopy(student)
+    for p in teacher.parameters() if teacher is not student else ():
         p.requires_grad_(False)
     prototypes = make_prototypes(cfg, device)                  # (K, D)
     if world > 1:
@@ -393,15 +393,22 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                 out["loss"].backward()
                 if world > 1 and prototypes.grad is not None and not cfg.bug_no_grad_allreduce:
                     dist.all_reduce(prototypes.grad)   # prototypes live outside DDP: average by hand
-                    prototypes.grad.div_(world)
+                    if not cfg.bug_grad_allreduce_sum:
+                        prototypes.grad.div_(world)
                 hub.emit("on_after_backward", ctx)
                 clip_per_parameter(clip_params, cfg.clip_grad)
                 if step < freeze_steps and prototypes.is_leaf:
-                    prototypes.grad = None             # freeze_last_layer: cancel the prototype gradient
+                    if cfg.bug_freeze_by_name:         # cancel by name, as 3D-Speaker: matches nothing here
+                        for n, q in student.named_parameters():
+                            if "last_layer" in n:
+                                q.grad = None
+                    else:
+                        prototypes.grad = None         # freeze_last_layer: cancel the prototype gradient
                 hub.emit("on_before_optimizer_step", ctx)
                 optimizer.step()
                 hub.emit("on_after_optimizer_step", ctx)
-                ema_update(teacher, student, m, copy_buffers=False)  # as the original: parameters only
+                if not cfg.bug_no_ema:
+                    ema_update(teacher, student, m, copy_buffers=False)  # as the original: parameters only
 
                 ctx.outputs = StepOutputs(
                     loss=out["loss"].detach(),

@@ -255,3 +255,40 @@ def test_shared_wandb_logger_run_keeps_its_own_step_axis(tmp_path):
     keys = history_keys(records)
     assert {"train_loss", "trainer/global_step", "proto/norm/mean", "trainer/step"} <= keys
     assert bad_codes(cb) == set()
+
+
+# -- teacher= and freeze_steps through the callback (issue 11) --------------------------------------
+class WithTeacher(SwAVLike):
+    """A student and an EMA teacher in one LightningModule (DINO-style), found by attribute path."""
+
+    def __init__(self, ema: bool = True, alias: bool = False, freeze: int = 0) -> None:
+        super().__init__()
+        import copy
+
+        self.student = nn.Sequential(self.backbone, nn.Linear(D, D))
+        self.teacher = self.student if alias else copy.deepcopy(self.student).requires_grad_(False)
+        self.ema, self.freeze = ema, freeze
+
+    def on_after_backward(self):
+        if self.global_step < self.freeze:  # the student's prototype layer, by name
+            for n, p in self.named_parameters():
+                if n.startswith("prototypes"):
+                    p.grad = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema and self.teacher is not self.student:
+            with torch.no_grad():
+                for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+                    t.mul_(0.99).add_(s.detach(), alpha=0.01)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("healthy", set()), ("healthy_freeze", set()),
+    ("no_ema", {"TEACHER_NOT_UPDATING"}), ("alias", {"TEACHER_SHARES_STUDENT"}),
+])
+def test_callback_teacher_path_and_freeze(kind, expected):
+    model = WithTeacher(ema=kind != "no_ema", alias=kind == "alias", freeze=6 if kind == "healthy_freeze" else 0)
+    cb = callback(teacher="teacher", freeze_steps=6 if kind == "healthy_freeze" else 0)
+    fit(model, [cb], max_steps=20)
+    assert cb.hub.ctx.teacher is model.teacher
+    assert bad_codes(cb) == expected, [str(f) for f in cb.findings]

@@ -65,7 +65,9 @@ class PrototypeMonitorCallback(Callback):
             used as is; False -> no W&B.
         **options: as for :func:`monitors.attach` (``log_every``, ``exp_dir``, ``freeze_steps``,
             ``capture``, ``sinks``, ``<monitor>=dict(...)``, ...). ``accumulate_grad_batches``
-            defaults to the trainer's.
+            defaults to the trainer's. ``teacher="teacher"`` is the attribute path of the EMA
+            teacher in the LightningModule (TEACHER_SHARES_STUDENT, TEACHER_NOT_UPDATING);
+            ``freeze_steps`` declares an intended freeze (PROTO_FREEZE_IGNORED if they move).
     """
 
     def __init__(self, prototypes: str = "prototypes", monitors: MonitorSpec = "default", run: Any = None,
