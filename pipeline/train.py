@@ -14,7 +14,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import default_collate
 
 from monitors import MonitorHub, RunContext, StepOutputs, build_monitors
 from monitors.sinks import LocalSink, WandbSink
@@ -23,6 +22,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data import Fbank, SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir
 from .evaluate import evaluate_embeddings, extract_embeddings
+from .loader import TrainFeed
 from .loss import SDPNLoss
 from .models import build_model, ema_update, init_prototypes, param_groups
 from .schedules import cosine_schedule
@@ -91,6 +91,17 @@ def clip_per_parameter(params: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, scales)
 
 
+def amp_setup(amp: str, device: torch.device) -> tuple[Any, Optional[torch.amp.GradScaler]]:
+    """(a context-manager factory for the forward passes, a GradScaler for fp16 or None)."""
+    if amp == "none":
+        return contextlib.nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device: use amp=bf16 or amp=none on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
 @dataclass
 class Schedules:
     lr: Any
@@ -152,7 +163,9 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
         train_dir, eval_dir = Path(paths[0]), (Path(paths[1]) if paths[1] else None)
     trainset = SDPNTrainSet(train_dir, max_frames=cfg.max_frames, glb_num=cfg.glb_num,
                             local_num=cfg.local_num, aug_prob=cfg.aug_prob,
-                            snr_range=(cfg.snr_min, cfg.snr_max), seed=cfg.seed + rank)
+                            snr_range=(cfg.snr_min, cfg.snr_max), seed=cfg.seed + rank,
+                            noise_data=cfg.noise_data or None, rir_data=cfg.rir_data or None)
+    trainset.check_first_file()  # a wrong sample rate fails here, not at step 1
     eval_data = read_kaldi_dir(eval_dir, require_trials=True) if eval_dir is not None else None
     per_epoch = len(trainset) // (cfg.batch_size * world)
     if per_epoch < 1:
@@ -184,6 +197,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                          koleo_reduction="sum")  # as 3D-Speaker: summed over the local views
     optimizer = build_optimizer(cfg, student, prototypes)
     fbank = Fbank().to(device)
+    autocast, scaler = amp_setup(cfg.amp, device)
 
     batch_total = cfg.batch_size * world
     sched = Schedules(
@@ -239,6 +253,10 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
         if rank == 0:
             print(f"resumed from {ckpt_path} at step {start_step}", file=sys.stderr)
 
+    feed = TrainFeed(trainset, batch_size=cfg.batch_size, per_epoch=per_epoch, seed=cfg.seed, rank=rank,
+                     world=world, device=device, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                     max_bad_files=cfg.max_bad_files, state=(state or {}).get("data"))
+
     def save_checkpoint(step: int) -> None:
         """All ranks emit the event (monitors may use collectives); rank 0 writes."""
         state = {
@@ -246,6 +264,7 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
             "optimizer": optimizer.state_dict(), "step": step, "epoch": step // per_epoch,
             "config": cfg.to_dict(), "rng": ckpt.rng_state(),
             "wandb_run_id": wandb_sink.run_id if wandb_sink is not None else None,
+            "data": feed.state_dict(),  # skipped files; the batch order itself follows from step
         }
         if not cfg.bug_proto_not_in_checkpoint:
             state["prototypes"] = prototypes.detach().cpu()
@@ -297,11 +316,11 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
     step = start_step
     stopped_by = None
     last_t0: Optional[float] = None
+    loop_t0 = time.perf_counter()
+    batches = feed.batches(start_step, total_steps)  # the same batches for any num_workers / resume
     with _StopSignal() as stop:
         while step < total_steps:
             epoch = step // per_epoch
-            order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            order = order[rank::world][: per_epoch * cfg.batch_size]
             for b in range(step % per_epoch, per_epoch):
                 if step >= total_steps or stop.signum is not None or hub.should_stop:
                     break
@@ -310,11 +329,10 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                     hub.log({"perf/step_ms": 1000.0 * (t0 - last_t0)}, step=step)
                 last_t0 = t0
                 ctx.step, ctx.epoch = step, epoch
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-                with _torch_threads(1):  # small per-crop ops: more threads only oversubscribe
-                    batch = default_collate([trainset[i] for i in idx])
-                glb = batch["global"].to(device, non_blocking=True)    # (B, g, T, 80)
-                loc = batch["local"].to(device, non_blocking=True)     # (B, l, T/2, 80)
+                batch = next(batches)                                   # on the device, non-blocking
+                hub.log({"perf/data_wait_ms": 1000.0 * feed.last_wait_s,
+                         "data/skipped_files": feed.skipped_files}, step=step)
+                glb, loc = batch["global"], batch["local"]              # (B, g, T, 80), (B, l, T/2, 80)
                 B = glb.shape[0]
                 glb = glb.transpose(0, 1).reshape(cfg.glb_num * B, *glb.shape[2:])     # view-major
                 loc = loc.transpose(0, 1).reshape(cfg.local_num * B, *loc.shape[2:])
@@ -327,22 +345,30 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
                         g["weight_decay"] = wd
 
                 # forward: teacher on the global crops, student on the local crops
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     _, t_z = teacher(glb)                               # (g*B, D)
-                s_emb, s_z = student_ddp(loc)                           # (l*B, E), (l*B, D)
-                out = criterion(s_z, t_z, prototypes, cfg.local_num, student_emb=s_emb)
+                with autocast():
+                    s_emb, s_z = student_ddp(loc)                       # (l*B, E), (l*B, D)
+                # the loss in fp32 (no-ops without amp)
+                out = criterion(s_z.float(), t_z.float(), prototypes, cfg.local_num, student_emb=s_emb.float())
 
                 optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()
                 if world > 1 and prototypes.grad is not None and not cfg.bug_no_grad_allreduce:
                     dist.all_reduce(prototypes.grad)   # prototypes live outside DDP: average by hand
                     prototypes.grad.div_(world)
+                if scaler:
+                    scaler.unscale_(optimizer)         # monitors and clipping see the true gradients
                 hub.emit("on_after_backward", ctx)
                 clip_per_parameter(clip_params, cfg.clip_grad)
                 if step < freeze_steps and prototypes.is_leaf:
                     prototypes.grad = None             # freeze_last_layer: cancel the prototype gradient
                 hub.emit("on_before_optimizer_step", ctx)
-                optimizer.step()
+                if scaler:  # note: GradScaler reads found_inf on the host: one sync per step (fp16 only)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 hub.emit("on_after_optimizer_step", ctx)
                 ema_update(teacher, student, m, copy_buffers=False)  # as the original: parameters only
 
@@ -373,6 +399,11 @@ def train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]:
             stopped_by = "an error finding (stop_on_error=true)"
         save_checkpoint(step)
     progress.close()
+    loop_s = time.perf_counter() - loop_t0
+    data_summary = {"data/skipped_files": feed.skipped_files,
+                    "data/wait_share": feed.wait_seconds / loop_s if loop_s > 0 else 0.0}
+    hub.set_summary(data_summary)
+    result.update(data_summary)
 
     if stopped_by is not None:
         if rank == 0:
