@@ -39,12 +39,15 @@ def _check_format(path: Path, f: sf.SoundFile) -> None:
 
 
 def _open(path: Path) -> sf.SoundFile:
+    if not path.exists():  # libsndfile only says "System error"
+        raise AudioReadError(f"audio file {path} not found")
     try:
         return sf.SoundFile(str(path))
     except FileNotFoundError:
         raise AudioReadError(f"audio file {path} not found") from None
     except (sf.SoundFileError, OSError, RuntimeError) as e:
-        raise AudioReadError(f"audio file {path} cannot be read ({str(e).splitlines()[0]})") from None
+        why = getattr(e, "error_string", None) or str(e).splitlines()[0]  # libsndfile's, without the path
+        raise AudioReadError(f"audio file {path} cannot be read ({why})") from None
 
 
 def audio_info(path: str | Path) -> int:
