@@ -39,7 +39,8 @@ class Config:
     snr_max: float = 20.0
     num_workers: int = 0             # DataLoader workers per process (0: load in the training process);
                                      # batches are the same for any value (pipeline/loader.py)
-    prefetch_factor: int = 4         # batches each worker prepares ahead: rides out slow reads
+    prefetch_factor: int = 2         # batches each worker prepares ahead (torch's default); each
+                                     # batch of 96 published crops is 37 MB of shared memory
     max_bad_files: int = 100         # unreadable files skipped (and counted) before the run stops:
                                      # a few broken files in a large corpus are normal, many mean a bad path
     noise_data: str = ""             # Kaldi dir or wav.scp of noise (MUSAN-like) for additive noise;
