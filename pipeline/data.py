@@ -409,7 +409,8 @@ def read_kaldi_dir(path: str | Path, require_trials: bool = False) -> KaldiDir:
     ``wav.scp``: ``utt-id path`` (the path is the rest of the line; relative paths are taken
     relative to the data dir; Kaldi pipes are not supported). ``utt2spk``: ``utt-id spk-id``
     (lines for utterances not in wav.scp are ignored). ``trials``: ``label enroll test`` with
-    label in {1, 0, target, nontarget}. Every problem raises a one-line ValueError.
+    label in {1, 0, target, nontarget}, or Kaldi's ``enroll test target|nontarget``. Every
+    problem raises a one-line ValueError.
     """
     d = Path(path).expanduser()
     if not d.exists():
@@ -461,6 +462,8 @@ def read_kaldi_dir(path: str | Path, require_trials: bool = False) -> KaldiDir:
             if len(parts) != 3:
                 raise ValueError(f"{tr_path}:{no}: malformed line {ln!r}: expected 'label enroll-utt test-utt'")
             lab, a, b = parts
+            if lab.lower() not in _LABELS and parts[2].lower() in ("target", "nontarget"):
+                a, b, lab = parts  # Kaldi's 'enroll-utt test-utt target|nontarget'
             if lab.lower() not in _LABELS:
                 raise ValueError(f"{tr_path}:{no}: trial label {lab!r} is not one of 1, 0, target, nontarget: "
                                  f"lines must read 'label enroll-utt test-utt'")

@@ -165,10 +165,11 @@ def test_train_set_bad_args(corpus):
 # ------------------------------------------------------------------------------ bad input
 
 def test_read_kaldi_dir_ok_and_relative_paths(tmp_path):
-    d = _make_dir(tmp_path / "d", scp="a x.wav\n\nb {wav}\n", trials="1 a a\nnontarget a b\n")
+    d = _make_dir(tmp_path / "d", scp="a x.wav\n\nb {wav}\n", trials="1 a a\nnontarget a b\nb a target\n")
     kd = read_kaldi_dir(d, require_trials=True)
     assert list(kd.wavs) == ["a", "b"] and kd.wavs["a"] == d / "x.wav"
-    assert kd.trials == [(1, "a", "a"), (0, "a", "b")] and kd.speakers == ["s1", "s2"]
+    assert kd.trials == [(1, "a", "a"), (0, "a", "b"), (1, "b", "a")]  # the last in Kaldi's column order
+    assert kd.speakers == ["s1", "s2"]
 
 
 @pytest.mark.parametrize("case, needles", [
