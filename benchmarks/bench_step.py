@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +66,8 @@ def reference(cfg, steps: int) -> tuple[list[float], float]:
 def original(cfg, steps: int) -> tuple[list[float], float]:
     """The loop as the original SDPN trainer runs it (see the module docstring)."""
     device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     trainset = SDPNTrainSet(cfg.data, max_frames=cfg.max_frames, glb_num=cfg.glb_num, local_num=cfg.local_num,
                             aug_prob=cfg.aug_prob, snr_range=(cfg.snr_min, cfg.snr_max), seed=cfg.seed)
@@ -127,6 +130,8 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=None, help="default: the config's")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of both arms, in alternating order")
     p.add_argument("--monitors", default="none", help="the reference arm's monitors (none | default)")
     args = p.parse_args()
 
@@ -140,6 +145,8 @@ def main() -> int:
                 f"monitors={args.monitors}", "warmup_epochs=0"]
         if args.batch_size:
             over.append(f"batch_size={args.batch_size}")
+        if args.threads is not None:
+            over.append(f"threads={args.threads}")
         if args.num_workers is not None:
             over.append(f"num_workers={args.num_workers}")
         cfg_ref = load_config(args.config, over + [f"amp={args.amp}"])
@@ -154,16 +161,22 @@ def main() -> int:
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
         print(f"{dev}; config {Path(args.config).name}, batch {cfg_ref.batch_size}, num_workers {cfg_ref.num_workers}, "
               f"{args.steps} steps per arm, timed after {args.warmup}", flush=True)
-        rows = {}
-        for name, fn, cfg in (("original", original, cfg_orig), ("reference", reference, cfg_ref)):
-            times, wait = fn(cfg, args.steps)
-            # steps/s over the window after warm-up, ending at a synchronised clock (a GPU's queue
-            # drained), so host run-ahead cannot flatter the reference arm
-            med = (times[-1] - times[args.warmup]) / (len(times) - 1 - args.warmup)
-            rows[name] = med
-            print(f"  {name:<9} {1000 * med:8.1f} ms per step = {1 / med:6.2f} steps/s; data wait "
-                  f"{100 * wait:4.1f} % of the loop (amp={cfg.amp})", flush=True)
-        print(f"  reference / original steps/s: {rows['original'] / rows['reference']:.3f}x")
+        arms = {"original": (original, cfg_orig), "reference": (reference, cfg_ref)}
+        rows: dict[str, list[float]] = {a: [] for a in arms}
+        for r in range(args.rounds):  # ABBA...: a drifting machine load hits both arms alike
+            for name in (list(arms) if r % 2 == 0 else list(reversed(arms))):
+                fn, cfg = arms[name]
+                times, wait = fn(cfg, args.steps)
+                # seconds per step over the window after warm-up, ending at a synchronised clock
+                # (a GPU's queue drained), so host run-ahead cannot flatter the reference arm
+                per_step = (times[-1] - times[args.warmup]) / (len(times) - 1 - args.warmup)
+                rows[name].append(per_step)
+                print(f"  round {r}: {name:<9} {1000 * per_step:8.1f} ms per step = {1 / per_step:6.2f} steps/s; "
+                      f"data wait {100 * wait:4.1f} % of the loop (amp={cfg.amp})", flush=True)
+        ratios = [o / f for o, f in zip(rows["original"], rows["reference"])]
+        o, f = statistics.median(rows["original"]), statistics.median(rows["reference"])
+        print(f"  median: original {1 / o:.2f} steps/s, reference {1 / f:.2f} steps/s; reference / original "
+              f"{o / f:.3f}x (per round: {', '.join(f'{x:.3f}' for x in ratios)})")
     return 0
 
 
