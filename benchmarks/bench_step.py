@@ -158,7 +158,7 @@ def main() -> int:
             data = make_dir(Path(tmp) / "data", 4 * cfg_ref.batch_size, data)
             cfg_ref = load_config(args.config, over + [f"data={data}", f"amp={args.amp}"])
             cfg_orig = load_config(args.config, over + [f"data={data}", "amp=none"])
-        dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+        dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({cfg_ref.threads or torch.get_num_threads()} threads)"
         print(f"{dev}; config {Path(args.config).name}, batch {cfg_ref.batch_size}, num_workers {cfg_ref.num_workers}, "
               f"{args.steps} steps per arm, timed after {args.warmup}", flush=True)
         arms = {"original": (original, cfg_orig), "reference": (reference, cfg_ref)}
