@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {train,evaluate,sweep} --help``."""
+"""Command line: ``python -m pipeline {train,evaluate,sweep,prepare} --help``."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep_cli(args)
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_tree, prepare_voxceleb
+
+    fn = prepare_voxceleb if args.layout == "voxceleb" else prepare_tree
+    counts = fn(args.root, args.out, trials=args.trials)
+    print(f"wrote {args.out}: {counts['utterances']} utterances, {counts['speakers']} speakers, "
+          f"{counts['trials']} trials (wav.scp, utt2spk, spk2utt{', trials' if counts['trials'] else ''})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="Reference SDPN trainer with prototype monitors.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wandb", action="store_true", help="register the sweep with W&B and run an agent")
     s.add_argument("--count", type=int, default=None, help="at most this many trials (random/bayes)")
     s.set_defaults(func=_cmd_sweep)
+
+    r = sub.add_parser("prepare", help="Kaldi data dir (wav.scp, utt2spk, trials) from a corpus tree",
+                       description="Build wav.scp, utt2spk, spk2utt (and trials from an official trial list) "
+                                   "from an audio tree, without opening the audio files.")
+    r.add_argument("layout", choices=("voxceleb", "tree"),
+                   help="voxceleb: idNNNNN/<video>/NNNNN.wav; tree: speaker/.../*.wav|flac")
+    r.add_argument("root", help="corpus root (voxceleb: the folder holding idNNNNN/, or its parent with wav/)")
+    r.add_argument("out", help="output Kaldi data dir")
+    r.add_argument("--trials", default=None,
+                   help="official trial list to convert, e.g. veri_test2.txt (lines 'label path path')")
+    r.set_defaults(func=_cmd_prepare)
     return p
 
 

@@ -37,7 +37,15 @@ class Config:
     aug_prob: float = 0.6            # probability of additive noise per crop
     snr_min: float = 5.0
     snr_max: float = 20.0
-    num_workers: int = 0             # DataLoader workers (0: load in the training process)
+    num_workers: int = 0             # DataLoader workers per process (0: load in the training process);
+                                     # batches are the same for any value (pipeline/loader.py)
+    prefetch_factor: int = 2         # batches each worker prepares ahead (torch's default); each
+                                     # batch of 96 published crops is 37 MB of shared memory
+    max_bad_files: int = 100         # unreadable files skipped (and counted) before the run stops:
+                                     # a few broken files in a large corpus are normal, many mean a bad path
+    noise_data: str = ""             # Kaldi dir or wav.scp of noise (MUSAN-like) for additive noise;
+                                     # "": synthetic white/pink noise and corpus babble
+    rir_data: str = ""               # Kaldi dir or wav.scp of room impulse responses (reverberation)
     # -- model --------------------------------------------------------------------------------
     channels: int = 1024             # ECAPA-TDNN width (3D-Speaker sdpn.yaml)
     scale: int = 8                   # Res2Net scale
@@ -72,6 +80,7 @@ class Config:
     resume: bool = False             # continue from the newest good checkpoint in exp_dir (same W&B run, same step)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     threads: int = 0                 # torch CPU threads per process (0: torch's default)
+    amp: str = "none"                # none | bf16 | fp16 (fp16 adds a GradScaler; bf16 needs none)
     log_every: int = 10              # steps between two log intervals (one host sync each)
     ckpt_every: int = 100            # steps between periodic checkpoints
     keep_checkpoints: int = 2        # checkpoint-<step>.pt files kept; checkpoint.pt links the newest
@@ -124,6 +133,11 @@ class Config:
             raise ConfigError(f"wandb_init_timeout must be > 0 seconds, got {self.wandb_init_timeout}")
         if self.wandb_watch not in ("", "gradients", "parameters", "all"):
             raise ConfigError(f"wandb_watch must be '', gradients, parameters or all, got {self.wandb_watch!r}")
+        if self.num_workers < 0 or self.prefetch_factor < 1 or self.max_bad_files < 0:
+            raise ConfigError(f"need num_workers >= 0, prefetch_factor >= 1 and max_bad_files >= 0, got "
+                              f"{self.num_workers}, {self.prefetch_factor} and {self.max_bad_files}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}: e.g. amp=bf16 on a recent GPU")
         if self.snr_min > self.snr_max:
             raise ConfigError(f"snr_min ({self.snr_min}) must be <= snr_max ({self.snr_max})")
         return self

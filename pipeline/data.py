@@ -1,8 +1,9 @@
 """Data: a built-in synthetic speaker corpus, Kaldi-style data dirs, WAV I/O, the log-mel
 filterbank and the SDPN training dataset (one global + several local augmented crops).
 
-Nothing here needs torchaudio/librosa/soundfile: WAVs are read with the stdlib ``wave``
-module and the filterbank is framing + ``torch.fft.rfft`` + a triangular mel matrix.
+Audio is read with soundfile (pipeline/audio.py); the synthetic corpus is written with the
+stdlib ``wave`` module; the filterbank is framing + ``torch.fft.rfft`` + a triangular mel
+matrix. The training set streams: each item reads only its crop windows from disk.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.signal import istft, stft
+from scipy.signal import fftconvolve, istft, stft
 
-SAMPLE_RATE = 16000
+from .audio import SAMPLE_RATE, AudioFormatError, AudioReadError, audio_info, read_audio, read_crops
+
 
 # =============================================================================================
 # Synthetic corpus
@@ -407,7 +409,8 @@ def read_kaldi_dir(path: str | Path, require_trials: bool = False) -> KaldiDir:
     ``wav.scp``: ``utt-id path`` (the path is the rest of the line; relative paths are taken
     relative to the data dir; Kaldi pipes are not supported). ``utt2spk``: ``utt-id spk-id``
     (lines for utterances not in wav.scp are ignored). ``trials``: ``label enroll test`` with
-    label in {1, 0, target, nontarget}. Every problem raises a one-line ValueError.
+    label in {1, 0, target, nontarget}, or Kaldi's ``enroll test target|nontarget``. Every
+    problem raises a one-line ValueError.
     """
     d = Path(path).expanduser()
     if not d.exists():
@@ -459,6 +462,8 @@ def read_kaldi_dir(path: str | Path, require_trials: bool = False) -> KaldiDir:
             if len(parts) != 3:
                 raise ValueError(f"{tr_path}:{no}: malformed line {ln!r}: expected 'label enroll-utt test-utt'")
             lab, a, b = parts
+            if lab.lower() not in _LABELS and parts[2].lower() in ("target", "nontarget"):
+                a, b, lab = parts  # Kaldi's 'enroll-utt test-utt target|nontarget'
             if lab.lower() not in _LABELS:
                 raise ValueError(f"{tr_path}:{no}: trial label {lab!r} is not one of 1, 0, target, nontarget: "
                                  f"lines must read 'label enroll-utt test-utt'")
@@ -473,28 +478,9 @@ def read_kaldi_dir(path: str | Path, require_trials: bool = False) -> KaldiDir:
 
 
 def load_wav(path: str | Path) -> torch.Tensor:
-    """Read a 16-bit PCM mono WAV at 16 kHz -> float32 tensor (samples,) in [-1, 1]."""
-    p = Path(path)
-    fix = "it must be a 16-bit PCM WAV at 16 kHz"
-    try:
-        with wave.open(str(p), "rb") as w:
-            ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except FileNotFoundError:
-        raise ValueError(f"audio file {p} not found: fix the path") from None
-    except (wave.Error, EOFError, OSError) as e:
-        raise ValueError(f"cannot read audio file {p} ({e}): {fix}") from None
-    if width != 2:
-        raise ValueError(f"audio file {p} has {8 * width}-bit samples: {fix}")
-    if rate != SAMPLE_RATE:
-        raise ValueError(f"audio file {p} has sample rate {rate} Hz: {fix} (resample it to {SAMPLE_RATE} Hz)")
-    if ch != 1:
-        raise ValueError(f"audio file {p} has {ch} channels: {fix}, mono")
-    if len(raw) != n * 2:
-        raise ValueError(f"audio file {p} is truncated ({len(raw) // 2} of {n} samples): {fix}")
-    if n == 0:
-        raise ValueError(f"audio file {p} has no samples: {fix} with audio in it")
-    return torch.from_numpy(np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0)
+    """Read a whole mono 16 kHz file (WAV of any PCM depth or float, FLAC, ... via soundfile)
+    -> float32 tensor (samples,) in [-1, 1]. Problems raise a one-line ValueError."""
+    return torch.from_numpy(read_audio(path))
 
 
 # =============================================================================================
@@ -564,19 +550,122 @@ def num_samples_for_frames(frames: int, win_length: int = 400, hop_length: int =
 # SDPN training set
 # =============================================================================================
 
+
+class PathTable:
+    """Many file paths in two numpy arrays (utf-8 bytes + offsets): no Python object per path,
+    so DataLoader workers forked from the trainer do not copy it page by page (refcounts)."""
+
+    def __init__(self, paths: list[bytes]) -> None:
+        self._offsets = np.zeros(len(paths) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in paths], out=self._offsets[1:])
+        self._blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes().decode()
+
+
+@dataclass
+class TrainList:
+    """What the training set keeps per utterance: its path and speaker label, nothing else."""
+    path: Path                # the data dir
+    paths: PathTable          # wav.scp order
+    labels: np.ndarray        # (N,) int32 index into speakers
+    speakers: list[str]       # sorted unique speakers
+
+
+def read_train_list(path: str | Path) -> TrainList:
+    """Read ``wav.scp`` + ``utt2spk`` for training without opening (or stat-ing) the audio files:
+    a missing or unreadable file is found when an item first reads it, and is then skipped and
+    counted. Line errors raise the same one-line ValueErrors as :func:`read_kaldi_dir`. Both
+    files are streamed line by line (a million lines take a few seconds, see README)."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        what = "is not a directory" if d.exists() else "does not exist"
+        raise ValueError(f"data dir {d} {what}: pass a Kaldi data dir holding wav.scp and utt2spk")
+    scp, u2s_path = d / "wav.scp", d / "utt2spk"
+    if not scp.is_file():
+        raise ValueError(f"{scp} is missing: add a wav.scp with lines 'utt-id /path/to.wav'")
+    if not u2s_path.is_file():
+        raise ValueError(f"{u2s_path} is missing: add an utt2spk with lines 'utt-id spk-id' for every utterance of wav.scp")
+    spk_ids: dict[str, int] = {}
+    utt2spk: dict[str, int] = {}
+    with open(u2s_path, encoding="utf-8", errors="strict") as f:
+        try:
+            for no, ln in enumerate(f, 1):
+                parts = ln.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise ValueError(f"{u2s_path}:{no}: malformed line {ln.strip()!r}: expected 'utt-id spk-id'")
+                utt2spk[parts[0]] = spk_ids.setdefault(parts[1], len(spk_ids))
+        except UnicodeDecodeError:
+            raise ValueError(f"{u2s_path} is not a text file: it must hold UTF-8 text lines") from None
+    paths: list[bytes] = []
+    labels: list[int] = []
+    base = str(d) + os.sep
+    with open(scp, encoding="utf-8", errors="strict") as f:
+        try:
+            for no, ln in enumerate(f, 1):
+                parts = ln.strip().split(maxsplit=1)
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise ValueError(f"{scp}:{no}: malformed line {ln.strip()!r}: expected 'utt-id /path/to.wav'")
+                utt, p = parts
+                if p.endswith("|"):
+                    raise ValueError(f"{scp}:{no}: Kaldi pipe commands are not supported: point utt {utt} to a .wav file")
+                spk = utt2spk.get(utt)
+                if spk is None:
+                    raise ValueError(f"{u2s_path} has no speaker for utterance {utt!r} of wav.scp: add a line '{utt} spk-id'")
+                if spk < 0:
+                    raise ValueError(f"{scp}:{no}: duplicate utterance id {utt!r}: utterance ids must be unique")
+                utt2spk[utt] = -1 - spk  # seen (negative), keeps the speaker
+                if p.startswith("~"):
+                    p = os.path.expanduser(p)
+                paths.append((p if os.path.isabs(p) else base + p).encode())
+                labels.append(spk)
+        except UnicodeDecodeError:
+            raise ValueError(f"{scp} is not a text file: it must hold UTF-8 text lines") from None
+    if not paths:
+        raise ValueError(f"{scp} has no utterances: add lines 'utt-id /path/to.wav'")
+    del utt2spk
+    names = sorted(spk_ids, key=lambda s: spk_ids[s])
+    used = np.unique(np.asarray(labels, dtype=np.int32))
+    speakers = sorted(names[i] for i in used)
+    remap = np.full(len(names), -1, dtype=np.int32)
+    remap[[spk_ids[s] for s in speakers]] = np.arange(len(speakers), dtype=np.int32)
+    return TrainList(path=d, paths=PathTable(paths), labels=remap[np.asarray(labels, dtype=np.int32)],
+                     speakers=speakers)
+
+
 class SDPNTrainSet(torch.utils.data.Dataset):
     """Multi-crop views for SDPN: ``glb_num`` global crops of ``max_frames`` frames (teacher) and
     ``local_num`` local crops of ``max_frames // 2`` frames (student), each augmented
-    independently with probability ``aug_prob`` (additive white/pink/babble noise at an SNR
-    drawn from ``snr_range`` dB, plus a random gain of +-6 dB), then Fbank.
+    independently with probability ``aug_prob``, then Fbank.
 
-    All waveforms are loaded into memory once. Randomness: a numpy Generator per item seeded
-    from (seed, index, one draw of torch's global RNG), so runs are reproducible under
-    ``torch.manual_seed`` (in DataLoader workers torch seeds each worker's RNG).
+    Augmentation (as 3D-Speaker): additive noise at an SNR drawn from ``snr_range`` dB, from
+    ``noise_data`` (a Kaldi dir or a wav.scp of MUSAN-like noise; a random window of a random
+    file) or, without it, synthetic white/pink noise or babble of 3-6 corpus crops; and, with
+    ``rir_data`` (room impulse responses), reverberation by convolution with a random RIR. One
+    of the available kinds per augmented crop, then a random gain of +-6 dB.
+
+    Streaming: an item opens its file once and reads only its crop windows; per utterance only
+    the path and the label are held (:class:`TrainList`). Keys are ``(epoch, index)`` (or an
+    index, epoch 0); all randomness of an item comes from ``(seed, epoch, index)``, so an item
+    is the same in any DataLoader worker, with any number of workers, and after a resume.
+
+    A file that cannot be read (missing, corrupt, truncated) is replaced by another utterance
+    drawn from the same generator and reported in the item's ``bad_files``; a file with the
+    wrong sample rate or several channels is a configuration error, reported in ``error``
+    (pipeline.loader turns both into counts and one-line errors in the training process).
     """
 
     def __init__(self, data_dir: str | Path, max_frames: int = 400, glb_num: int = 1, local_num: int = 4,
-                 aug_prob: float = 0.6, snr_range: tuple[float, float] = (5.0, 20.0), seed: int = 0) -> None:
+                 aug_prob: float = 0.6, snr_range: tuple[float, float] = (5.0, 20.0), seed: int = 0,
+                 noise_data: str | Path | None = None, rir_data: str | Path | None = None) -> None:
         if max_frames < 2:
             raise ValueError(f"max_frames must be >= 2 (local crops have max_frames // 2 frames), got {max_frames}")
         if glb_num < 1 or local_num < 0:
@@ -585,57 +674,133 @@ class SDPNTrainSet(torch.utils.data.Dataset):
             raise ValueError(f"aug_prob must be in [0, 1], got {aug_prob}")
         if snr_range[0] > snr_range[1]:
             raise ValueError(f"snr_range must be (low, high) in dB with low <= high, got {snr_range}")
-        self.data = read_kaldi_dir(data_dir)
+        self.data = read_train_list(data_dir)
         self.max_frames, self.glb_num, self.local_num = max_frames, glb_num, local_num
         self.aug_prob, self.snr_range, self.seed = aug_prob, (float(snr_range[0]), float(snr_range[1])), seed
-        self.utts = list(self.data.wavs)
-        self.waves = [load_wav(self.data.wavs[u]).numpy() for u in self.utts]
-        spk_index = {s: i for i, s in enumerate(self.data.speakers)}
-        self.labels = [spk_index[self.data.utt2spk[u]] for u in self.utts]
+        self.noises = read_audio_list(noise_data, "noise_data") if noise_data else None
+        self.rirs = read_audio_list(rir_data, "rir_data") if rir_data else None
         self.fbank = Fbank()
         self.glb_len = num_samples_for_frames(max_frames)
         self.loc_len = num_samples_for_frames(max_frames // 2)
+
+    def check_first_file(self) -> None:
+        """Open the first training file (header only): a wrong sample rate fails before step 1."""
+        try:
+            audio_info(self.data.paths[0])
+        except AudioReadError:
+            pass  # found again, skipped and counted, when an item reads it
 
     @property
     def speakers(self) -> list[str]:
         return self.data.speakers
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self.data.labels
+
     def __len__(self) -> int:
-        return len(self.utts)
+        return len(self.data.paths)
 
-    def _crop(self, rng: np.random.Generator, i: int, length: int) -> np.ndarray:
-        w = self.waves[i]
-        if len(w) < length:  # wrap-pad short utterances
-            w = np.tile(w, length // len(w) + 1)
-        start = int(rng.integers(0, len(w) - length + 1))
-        return w[start:start + length].copy()
-
-    def _noise(self, rng: np.random.Generator, length: int) -> np.ndarray:
+    def _noise(self, rng: np.random.Generator, length: int, bad: list) -> np.ndarray:
+        if self.noises is not None:
+            p = self.noises[int(rng.integers(len(self.noises)))]
+            try:
+                return read_crops(p, [length], rng)[0]
+            except AudioReadError as e:
+                bad.append((p, str(e)))  # counted; synthetic noise instead
         kind = rng.integers(3)
         if kind < 2:  # white or pink
             return _colored_noise(rng, length, exponent=float(kind)).astype(np.float32)
         # babble: sum of 3-6 random corpus crops
-        idx = rng.integers(len(self.waves), size=int(rng.integers(3, 7)))
-        b = sum(self._crop(rng, int(j), length) for j in idx)
+        b = np.zeros(length, dtype=np.float32)
+        for j in rng.integers(len(self), size=int(rng.integers(3, 7))):
+            p = self.data.paths[int(j)]
+            try:
+                b += read_crops(p, [length], rng)[0]
+            except AudioReadError as e:
+                bad.append((p, str(e)))
         return (b / (b.std() + 1e-8)).astype(np.float32)
 
-    def _augment(self, rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
+    def _reverb(self, rng: np.random.Generator, x: np.ndarray, bad: list) -> np.ndarray:
+        p = self.rirs[int(rng.integers(len(self.rirs)))]
+        try:
+            rir = read_audio(p)
+        except AudioReadError as e:
+            bad.append((p, str(e)))
+            return x
+        rir = rir / (np.sqrt(np.sum(rir ** 2)) + 1e-8)
+        return fftconvolve(x, rir)[:len(x)].astype(np.float32)  # as 3D-Speaker: full, then cut
+
+    def _augment(self, rng: np.random.Generator, x: np.ndarray, bad: list) -> np.ndarray:
         if rng.random() >= self.aug_prob:
             return x
-        snr = rng.uniform(*self.snr_range)
-        p_sig = max(float(np.mean(x ** 2)), 1e-8)
-        x = x + self._noise(rng, len(x)) * np.float32(np.sqrt(p_sig / 10 ** (snr / 10)))
+        if self.rirs is not None and rng.random() < 0.5:
+            x = self._reverb(rng, x, bad)
+        else:
+            snr = rng.uniform(*self.snr_range)
+            p_sig = max(float(np.mean(x ** 2)), 1e-8)
+            n = self._noise(rng, len(x), bad)
+            p_noise = max(float(np.mean(n ** 2)), 1e-8)
+            x = x + n * np.float32(np.sqrt(p_sig / (p_noise * 10 ** (snr / 10))))
         return x * np.float32(10 ** (rng.uniform(-6.0, 6.0) / 20))
 
-    def __getitem__(self, i: int) -> dict:
-        seed_draw = int(torch.randint(0, 2 ** 62, (1,)).item())
-        rng = np.random.default_rng([self.seed, int(i), seed_draw])
-        glb = np.stack([self._augment(rng, self._crop(rng, i, self.glb_len)) for _ in range(self.glb_num)])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, int(epoch), int(i)])
+        bad: list[tuple[str, str]] = []
+        lengths = [self.glb_len] * self.glb_num + [self.loc_len] * self.local_num
+        j = int(i)
+        for _ in range(_MAX_TRIES):
+            p = self.data.paths[j]
+            try:
+                crops = read_crops(p, lengths, rng)
+                break
+            except AudioFormatError as e:
+                return {"error": str(e)}
+            except AudioReadError as e:
+                bad.append((p, str(e)))
+                j = int(rng.integers(len(self)))  # a replacement from the same generator
+        else:
+            return {"error": f"{_MAX_TRIES} unreadable audio files in a row, the last {p} ({bad[-1][1]}): "
+                             f"check that the paths of {self.data.path}/wav.scp exist and hold audio"}
+        try:
+            crops = [self._augment(rng, c, bad) for c in crops]
+        except AudioFormatError as e:
+            return {"error": str(e)}
+        glb = np.stack(crops[:self.glb_num])
         out = {"global": self.fbank(torch.from_numpy(glb))}  # (glb_num, max_frames, 80)
         if self.local_num:
-            loc = np.stack([self._augment(rng, self._crop(rng, i, self.loc_len)) for _ in range(self.local_num)])
-            out["local"] = self.fbank(torch.from_numpy(loc))  # (local_num, max_frames // 2, 80)
+            out["local"] = self.fbank(torch.from_numpy(np.stack(crops[self.glb_num:])))  # (local_num, max_frames // 2, 80)
         else:
             out["local"] = torch.zeros(0, self.max_frames // 2, self.fbank.n_mels)
-        out["speaker"] = self.labels[i]
+        out["speaker"] = int(self.data.labels[j])
+        out["bad_files"] = bad
         return out
+
+
+_MAX_TRIES = 8  # replacements tried for one item before the run is declared broken
+
+
+def read_audio_list(spec: str | Path, key: str) -> PathTable:
+    """Paths of a Kaldi dir (its wav.scp) or of a wav.scp file, for noise_data / rir_data.
+    Only the first file is opened here (its sample rate is checked)."""
+    p = Path(spec).expanduser()
+    scp = p / "wav.scp" if p.is_dir() else p
+    if not scp.is_file():
+        raise ValueError(f"{key}={spec}: no such Kaldi dir or wav.scp: pass a dir holding wav.scp "
+                         f"('id /path/to.wav' lines) or the wav.scp itself")
+    paths = []
+    for no, ln in _lines(scp):
+        parts = ln.split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{scp}:{no}: malformed line {ln!r}: expected 'id /path/to.wav'")
+        q = Path(parts[1]).expanduser()
+        paths.append(str(q if q.is_absolute() else scp.parent / q).encode())
+    if not paths:
+        raise ValueError(f"{key}={spec}: {scp} lists no files: add lines 'id /path/to.wav'")
+    table = PathTable(paths)
+    try:
+        audio_info(table[0])
+    except AudioReadError as e:
+        raise ValueError(f"{key}={spec}: {e}: fix the path in {scp}") from None
+    return table

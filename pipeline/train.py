@@ -12,11 +12,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import default_collate
 
 from monitors import MonitorHub, RunContext, StepOutputs, build_monitors
 from monitors.sinks import LocalSink, WandbSink, check_online_credentials
@@ -25,6 +24,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data import Fbank, SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir
 from .evaluate import evaluate_embeddings, extract_embeddings
+from .loader import TrainFeed
 from .loss import SDPNLoss
 from .models import build_model, ema_update, init_prototypes, param_groups
 from .schedules import cosine_schedule
@@ -93,21 +93,22 @@ def clip_per_parameter(params: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, scales)
 
 
+def amp_setup(amp: str, device: torch.device) -> tuple[Any, Optional[torch.amp.GradScaler]]:
+    """(a context-manager factory for the forward passes, a GradScaler for fp16 or None)."""
+    if amp == "none":
+        return contextlib.nullcontext, None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device: use amp=bf16 or amp=none on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
 @dataclass
 class Schedules:
     lr: Any
     wd: Any
     momentum: Any
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class _StopSignal:
@@ -191,7 +192,9 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
         train_dir, eval_dir = Path(paths[0]), (Path(paths[1]) if paths[1] else None)
     trainset = SDPNTrainSet(train_dir, max_frames=cfg.max_frames, glb_num=cfg.glb_num,
                             local_num=cfg.local_num, aug_prob=cfg.aug_prob,
-                            snr_range=(cfg.snr_min, cfg.snr_max), seed=cfg.seed + rank)
+                            snr_range=(cfg.snr_min, cfg.snr_max), seed=cfg.seed + rank,
+                            noise_data=cfg.noise_data or None, rir_data=cfg.rir_data or None)
+    trainset.check_first_file()  # a wrong sample rate fails here, not at step 1
     eval_data = read_kaldi_dir(eval_dir, require_trials=True) if eval_dir is not None else None
     per_epoch = len(trainset) // (cfg.batch_size * world)
     if per_epoch < 1:
@@ -223,6 +226,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                          koleo_reduction="sum")  # as 3D-Speaker: summed over the local views
     optimizer = build_optimizer(cfg, student, prototypes)
     fbank = Fbank().to(device)
+    autocast, scaler = amp_setup(cfg.amp, device)
 
     batch_total = cfg.batch_size * world
     sched = Schedules(
@@ -282,6 +286,10 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
         if rank == 0:
             print(f"resumed from {resumed_from} at step {start_step}", file=sys.stderr)
 
+    feed = TrainFeed(trainset, batch_size=cfg.batch_size, per_epoch=per_epoch, seed=cfg.seed, rank=rank,
+                     world=world, device=device, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                     max_bad_files=cfg.max_bad_files, state=(state or {}).get("data"))
+
     last_good = {"step": start_step if state is not None else None}
 
     def save_checkpoint(step: int, emit: bool = True) -> None:
@@ -292,6 +300,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
             "optimizer": optimizer.state_dict(), "step": step, "epoch": step // per_epoch,
             "config": cfg.to_dict(), "rng": ckpt.rng_state(),
             "wandb_run_id": wandb_sink.run_id if wandb_sink is not None else None,
+            "data": feed.state_dict(),  # skipped files; the batch order itself follows from step
         }
         if not cfg.bug_proto_not_in_checkpoint:
             state["prototypes"] = prototypes.detach().cpu()
@@ -354,11 +363,11 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     stopped_by = None
     nonfinite: Optional[str] = None
     last_t0: Optional[float] = None
+    loop_t0 = time.perf_counter()
+    batches = feed.batches(start_step, total_steps)  # the same batches for any num_workers / resume
     with _StopSignal() as stop:
         while step < total_steps:
             epoch = step // per_epoch
-            order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            order = order[rank::world][: per_epoch * cfg.batch_size]
             for b in range(step % per_epoch, per_epoch):
                 if step >= total_steps or stop.signum is not None or hub.should_stop:
                     break
@@ -367,11 +376,10 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                     hub.log({"perf/step_ms": 1000.0 * (t0 - last_t0)}, step=step)
                 last_t0 = t0
                 ctx.step, ctx.epoch = step, epoch
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist()
-                with _torch_threads(1):  # small per-crop ops: more threads only oversubscribe
-                    batch = default_collate([trainset[i] for i in idx])
-                glb = batch["global"].to(device, non_blocking=True)    # (B, g, T, 80)
-                loc = batch["local"].to(device, non_blocking=True)     # (B, l, T/2, 80)
+                batch = next(batches)                                   # on the device, non-blocking
+                hub.log({"perf/data_wait_ms": 1000.0 * feed.last_wait_s,
+                         "data/skipped_files": feed.skipped_files}, step=step)
+                glb, loc = batch["global"], batch["local"]              # (B, g, T, 80), (B, l, T/2, 80)
                 B = glb.shape[0]
                 glb = glb.transpose(0, 1).reshape(cfg.glb_num * B, *glb.shape[2:])     # view-major
                 loc = loc.transpose(0, 1).reshape(cfg.local_num * B, *loc.shape[2:])
@@ -384,17 +392,21 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                         g["weight_decay"] = wd
 
                 # forward: teacher on the global crops, student on the local crops
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     _, t_z = teacher(glb)                               # (g*B, D)
-                s_emb, s_z = student_ddp(loc)                           # (l*B, E), (l*B, D)
-                out = criterion(s_z, t_z, prototypes, cfg.local_num, student_emb=s_emb)
+                with autocast():
+                    s_emb, s_z = student_ddp(loc)                       # (l*B, E), (l*B, D)
+                # the loss in fp32 (no-ops without amp)
+                out = criterion(s_z.float(), t_z.float(), prototypes, cfg.local_num, student_emb=s_emb.float())
 
                 optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()
                 if world > 1 and prototypes.grad is not None and not cfg.bug_no_grad_allreduce:
                     dist.all_reduce(prototypes.grad)   # prototypes live outside DDP: average by hand
                     if not cfg.bug_grad_allreduce_sum:
                         prototypes.grad.div_(world)
+                if scaler:
+                    scaler.unscale_(optimizer)         # monitors and clipping see the true gradients
                 hub.emit("on_after_backward", ctx)
                 clip_per_parameter(clip_params, cfg.clip_grad)
                 if step < freeze_steps and prototypes.is_leaf:
@@ -405,7 +417,11 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                     else:
                         prototypes.grad = None         # freeze_last_layer: cancel the prototype gradient
                 hub.emit("on_before_optimizer_step", ctx)
-                optimizer.step()
+                if scaler:  # note: GradScaler reads found_inf on the host: one sync per step (fp16 only)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 hub.emit("on_after_optimizer_step", ctx)
                 if not cfg.bug_no_ema:
                     ema_update(teacher, student, m, copy_buffers=False)  # as the original: parameters only
@@ -444,6 +460,11 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
         if nonfinite is None:
             save_checkpoint(step)
     progress.close()
+    loop_s = time.perf_counter() - loop_t0
+    data_summary = {"data/skipped_files": feed.skipped_files,
+                    "data/wait_share": feed.wait_seconds / loop_s if loop_s > 0 else 0.0}
+    hub.set_summary(data_summary)
+    result.update(data_summary)
 
     if stopped_by is not None:
         if rank == 0 and nonfinite is not None:

@@ -136,15 +136,15 @@ def test_train_set_items(corpus):
     item = ds[1]
     assert item["global"].shape == (2, 40, 80) and item["global"].dtype == torch.float32
     assert item["local"].shape == (3, 20, 80)
-    assert item["speaker"] == ds.speakers.index(ds.data.utt2spk[ds.utts[1]])
+    kd = read_kaldi_dir(corpus["train"])
+    assert item["speaker"] == ds.speakers.index(kd.utt2spk[list(kd.wavs)[1]]) and item["bad_files"] == []
     torch.manual_seed(3)
-    a = ds[0]
-    torch.manual_seed(3)
-    b = ds[0]
+    a = ds[(2, 0)]
+    torch.manual_seed(4)  # torch's global RNG plays no part: the key (epoch, index) decides
+    b = ds[(2, 0)]
     assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
-    assert not torch.equal(ds[0]["local"], a["local"])  # fresh crops on the next draw
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch["global"].shape == (4, 2, 40, 80) and batch["speaker"].shape == (4,)
+    assert not torch.equal(ds[(3, 0)]["local"], a["local"])  # fresh crops in the next epoch
+    assert torch.equal(ds[0]["global"], ds[(0, 0)]["global"])
 
 
 def test_train_set_wraps_short_utterances(tmp_path):
@@ -165,10 +165,11 @@ def test_train_set_bad_args(corpus):
 # ------------------------------------------------------------------------------ bad input
 
 def test_read_kaldi_dir_ok_and_relative_paths(tmp_path):
-    d = _make_dir(tmp_path / "d", scp="a x.wav\n\nb {wav}\n", trials="1 a a\nnontarget a b\n")
+    d = _make_dir(tmp_path / "d", scp="a x.wav\n\nb {wav}\n", trials="1 a a\nnontarget a b\nb a target\n")
     kd = read_kaldi_dir(d, require_trials=True)
     assert list(kd.wavs) == ["a", "b"] and kd.wavs["a"] == d / "x.wav"
-    assert kd.trials == [(1, "a", "a"), (0, "a", "b")] and kd.speakers == ["s1", "s2"]
+    assert kd.trials == [(1, "a", "a"), (0, "a", "b"), (1, "b", "a")]  # the last in Kaldi's column order
+    assert kd.speakers == ["s1", "s2"]
 
 
 @pytest.mark.parametrize("case, needles", [
@@ -228,11 +229,9 @@ def test_read_kaldi_dir_errors(tmp_path, case, needles):
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("garbage", "16-bit PCM WAV at 16 kHz"),
-    ("truncated", "truncated"),
+    ("garbage", "cannot be read"),
     ("rate", "sample rate 8000"),
     ("stereo", "2 channels"),
-    ("8bit", "8-bit"),
     ("empty", "no samples"),
     ("missing", "not found"),
 ])
@@ -241,9 +240,6 @@ def test_load_wav_errors(tmp_path, case, needle):
     pcm = (np.arange(1600) % 100 * 50).astype("<i2")
     if case == "garbage":
         p.write_bytes(b"this is not a wav file at all" * 10)
-    elif case == "truncated":
-        _write_wav(p, pcm)
-        p.write_bytes(p.read_bytes()[:-100])
     elif case == "rate":
         _write_wav(p, pcm, rate=8000)
     elif case == "stereo":

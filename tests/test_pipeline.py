@@ -143,7 +143,8 @@ def test_bad_input_gets_one_line_error(case, micro, tmp_path, capsys, data_cache
     if case == "missing_audio":
         (data / "wav.scp").write_text(f"u1 {wav}\nu2 {tmp_path / 'nope.wav'}\n")
         (data / "utt2spk").write_text("u1 s1\nu2 s2\n")
-        extra, words = [f"data={data}"], ["nope.wav", "u2"]
+        # evaluation data (training data skips and counts a missing file: tests/test_loader.py)
+        extra, words = [f"eval_data={data}"], ["nope.wav", "u2"]
     elif case == "empty_dir":
         extra, words = [f"data={data}"], ["wav.scp"]
     elif case == "unknown_trial_utt":
