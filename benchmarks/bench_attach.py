@@ -36,6 +36,7 @@ from torch import nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.cli_args import positive  # noqa: E402
 from monitors import attach  # noqa: E402
 
 
@@ -135,16 +136,6 @@ def _read_twice_ms(P: torch.Tensor, reps: int = 21) -> float:
     return statistics.median(ts) * 1000
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block", type=int, default=10, help="steps per block")
@@ -155,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-dim", type=int, default=80)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--embed", type=int, default=256)
-    ap.add_argument("--dim", type=_positive, default=128, help="prototype dim D")
-    ap.add_argument("--num-proto", type=_positive, default=512, help="number of prototypes K")
+    ap.add_argument("--dim", type=positive, default=128, help="prototype dim D")
+    ap.add_argument("--num-proto", type=positive, default=512, help="number of prototypes K")
     ap.add_argument("--capture", action="store_true", help="attach(capture='head'): assignments per step")
     ap.add_argument("--no-auto-capture", action="store_true",
                     help="attach(capture=False): without the capture found from model= (every 5 steps)")

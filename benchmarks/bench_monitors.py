@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli_args import positive  # noqa: E402
+
 from monitors.registry import DEFAULT  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import train  # noqa: E402
@@ -80,23 +82,13 @@ def full_run(tmp: Path, name: str, monitors: str, size: Sequence[str] = ()) -> f
     return time.perf_counter() - t0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40, help="steps per short training (part 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part 1)")
     p.add_argument("--skip-full", action="store_true", help="leave out part 2 (two full default runs)")
-    p.add_argument("--num-proto", type=_positive, default=None, help="number of prototypes K (config num_proto)")
-    p.add_argument("--dim", type=_positive, default=None, help="prototype dimension D (config output_dim)")
+    p.add_argument("--num-proto", type=positive, default=None, help="number of prototypes K (config num_proto)")
+    p.add_argument("--dim", type=positive, default=None, help="prototype dimension D (config output_dim)")
     args = p.parse_args()
     size = size_overrides(args.num_proto, args.dim)
     with tempfile.TemporaryDirectory(prefix="bench_monitors_") as d:

@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli_args import positive  # noqa: E402
+
 from monitors import hub as hub_module  # noqa: E402
 from monitors.events import STEP_EVENTS  # noqa: E402
 from monitors.registry import DEFAULT  # noqa: E402
@@ -65,16 +67,6 @@ def _read_twice_ms(P: torch.Tensor, reps: int = 50) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 class _Strict:
     """sync_debug_mode switched on and off; a no-op (counting only) on the CPU smoke test."""
 
@@ -95,8 +87,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every-step", action="store_true", help="run every monitor at every step")
     p.add_argument("--exp-dir", default="/tmp/check_gpu_sync")
-    p.add_argument("--num-proto", type=_positive, default=None, help="number of prototypes K (config num_proto)")
-    p.add_argument("--dim", type=_positive, default=None, help="prototype dimension D (config output_dim)")
+    p.add_argument("--num-proto", type=positive, default=None, help="number of prototypes K (config num_proto)")
+    p.add_argument("--dim", type=positive, default=None, help="prototype dimension D (config output_dim)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script (checks nothing)")
     p.add_argument("--amp", default="bf16", help="none | bf16 | fp16 (fp16: GradScaler syncs once a step)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (pinned batches on CUDA)")
