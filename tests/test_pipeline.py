@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from conftest import ROOT, history_keys, wandb_records, wandb_summary, Recorder
@@ -135,10 +137,11 @@ def test_torchrun_two_processes_keep_identical_prototypes(micro, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_audio", "empty_dir", "unknown_trial_utt", "wrong_type", "num_proto", "output_dim"])
-def test_bad_input_gets_one_line_error(case, micro, tmp_path, capsys, data_cache):
+def test_bad_input_gets_one_line_error(case, micro, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    wav = next(Path(data_cache).rglob("*.wav"))
+    wav = tmp_path / "ok.wav"  # a real 16 kHz file of its own: the test runs alone too
+    sf.write(wav, np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")
     extra: list[str] = []
     if case == "missing_audio":
         (data / "wav.scp").write_text(f"u1 {wav}\nu2 {tmp_path / 'nope.wav'}\n")
