@@ -13,10 +13,10 @@ import torch
 from .base import Monitor, check_hook_names
 from .events import COLLECTIVE_EVENTS, EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
 from .finding import Finding
+from .health import SINK_FAILED  # defined once, beside its row of the codes table
 from .media import Histogram, VectorStat, reduce_rows
 
 MONITOR_FAILED = "MONITOR_FAILED"
-SINK_FAILED = "SINK_FAILED"
 
 
 def _print_console(line: str) -> None:
