@@ -52,6 +52,7 @@ from .events import RunContext, StepOutputs
 from .finding import Finding
 from .hub import MonitorHub, _print_console
 from .registry import REGISTRY, MonitorSpec, build_monitors
+from .shared import assignment_rows
 
 #: warning raised by :meth:`AttachedHub.check_checkpoint` when the prototypes are in a checkpoint
 #: but their optimizer state (momentum buffers, Adam moments) is not
@@ -68,6 +69,7 @@ OPTIONS: dict[str, Any] = {
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
     "capture_every": None,         # derive them every n steps (None: 1 with capture="name", 5 when found automatically)
+    "full_every": 4,               # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.shared)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)
@@ -468,10 +470,18 @@ class AttachedHub(MonitorHub):
         except RuntimeError:  # outputs of varying width: keep the last
             x = self._step_chunks[-1].reshape(-1, self._step_chunks[-1].shape[-1]).float()
         K, D = self.ctx.prototypes.shape
-        if x.shape[-1] == D:  # projections: cosine to the prototypes, as SDPN / SwAV / DINO score them
-            p = self.ctx.prototypes.detach().float()
-            scores = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(p, dim=-1).T
+        if x.shape[-1] == D:
             self._explicit.setdefault("projections", x)
+        rows = assignment_rows(K)
+        if x.shape[0] > rows:  # large K: the first rows only (a batch's rows are random samples)
+            x = x[:rows]
+            self.log({"proto/usage/sampled": float(rows)}, step=self.ctx.step)
+        if x.shape[-1] == D:  # projections: cosine to the prototypes, as SDPN / SwAV / DINO score them
+            p = self.ctx.prototypes.detach()
+            p = p if p.dtype == torch.float32 else p.float()
+            # x_n . p_k / ||p_k||: the cosines without a normalised (K, D) copy of the prototypes
+            scores = nn.functional.normalize(x, dim=-1) @ p.T
+            scores.div_(torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12))
         elif x.shape[-1] == K:  # scores (logits) per prototype
             scores = x
         else:
@@ -765,6 +775,11 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
         param_groups=dict(hub_opts["param_groups"] or {}), exp_dir=None if exp_dir is None else str(exp_dir),
         extra={"prototypes_name": name, "integration": "attach"},
     )
+    full_every = hub_opts["full_every"]
+    if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
+        raise ValueError(f"full_every must be an integer >= 1 (1: the whole-tensor statistics every step "
+                         f"at any K), got {full_every!r}")
+    ctx.shared.full_every = full_every
     mons = build_monitors(monitors, overrides=overrides)
     sinks: list[Any] = []
     if rank == 0:  # only rank 0 writes: other ranks open no run and no files

@@ -26,6 +26,8 @@ class DeltaMonitor(Monitor):
     ``proto/delta/moved`` (rows of P with a nonzero update, float) and
     ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve: every ``drift_every``
     steps and at the end of training, since it is the costliest of these on a small model).
+    Above ``ctx.shared.full_above`` prototypes (16,384) the update statistics are those of every
+    ``full_every``-th step (4; exact on those steps, :mod:`monitors.shared`).
 
     For other monitors: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last step
     measured, and :attr:`last_proto_norms` (K,), all on the device.
@@ -71,6 +73,8 @@ class DeltaMonitor(Monitor):
 
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
         self._ensure_init(ctx.prototypes.detach())
+        if not ctx.shared.full_step(ctx):  # above full_above: the update every full_every steps
+            return None
         ctx.shared.snapshot(ctx)                       # shared with the health doctor
         self._old_norm = ctx.shared.norm(ctx)          # ||P_old||, shared with the gradient monitor
         self._snapshot_step = ctx.step
@@ -78,8 +82,9 @@ class DeltaMonitor(Monitor):
 
     # -- the update -------------------------------------------------------------------------
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
+        drift_due = ctx.step % self.drift_every == 0
         if self._snapshot_step != ctx.step:
-            return None
+            return {"proto/delta/drift": self._drift(ctx, ctx.prototypes.detach())} if drift_due else None
         self._snapshot_step = None
         per = ctx.shared.update_row_norms(ctx)        # (K,) ||U_k||
         if per is None:
@@ -97,7 +102,7 @@ class DeltaMonitor(Monitor):
             "proto/delta/per_proto_max": VectorStat(per, "max"),
             "proto/delta/moved": VectorStat(per, "nonzero"),  # rows with a non-zero update
         }
-        if ctx.step % self.drift_every == 0:
+        if drift_due:
             out["proto/delta/drift"] = self._drift(ctx, P)
         return out
 

@@ -39,7 +39,9 @@ class GradientMonitor(Monitor):
     Above ``sample_above`` prototypes (16,384) the per-prototype statistics and the histogram
     are those of a fixed random sample of ``sample_rows`` (4,096) rows, and
     ``proto/grad/sampled`` (the number of rows they cover) is logged beside them; ``norm``,
-    ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient).
+    ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient); above
+    ``ctx.shared.full_above`` (16,384) those three come every ``full_every`` (4) steps
+    (:mod:`monitors.shared`).
 
     A prototype without a gradient yields no metrics: the health doctor diagnoses that.
     """
@@ -59,6 +61,8 @@ class GradientMonitor(Monitor):
         self._last_groups: Optional[int] = None
 
     def on_after_backward(self, ctx: RunContext) -> Metrics:
+        if not ctx.shared.full_step(ctx):
+            return None
         total = ctx.shared.grad_norm(ctx)
         if total is None:
             return None
@@ -73,13 +77,14 @@ class GradientMonitor(Monitor):
             per = ctx.shared.sampled_grad_row_norms(ctx, idx)  # (sample_rows,): a gather
         if per is None:
             return None
-        total = ctx.shared.grad_norm(ctx)  # exact, shared with the health doctor
-        out = {
-            "proto/grad/norm": total,
+        out: dict = {
             "proto/grad/per_proto_mean": VectorStat(per, "mean"),  # reduced at the log interval
             "proto/grad/per_proto_max": VectorStat(per, "max"),
-            "proto/grad/to_weight": total / ctx.shared.norm(ctx).clamp_min(_TINY),
         }
+        if ctx.shared.full_step(ctx):
+            total = ctx.shared.grad_norm(ctx)  # exact, shared with the health doctor
+            out["proto/grad/norm"] = total
+            out["proto/grad/to_weight"] = total / ctx.shared.norm(ctx).clamp_min(_TINY)
         if idx is not None:
             out["proto/grad/sampled"] = float(idx.shape[0])
         if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:

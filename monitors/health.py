@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .base import Metrics, Monitor
 from .events import RunContext
 from .finding import Finding
+from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, assignment_rows, row_sample
 
 # -- codes ------------------------------------------------------------------------------------
 PROTO_NOT_LEAF = "PROTO_NOT_LEAF"
@@ -750,7 +751,7 @@ class HealthDoctor(Monitor):
         else:
             group = self._proto_group(ctx, rescan=False)
         lr = self._check_lr(ctx, group)
-        if grad is None:
+        if grad is None or not ctx.shared.full_step(ctx):  # above full_above: every full_every steps
             return None
         # the gradient norm (shared with the gradient monitor) is NaN/Inf iff an entry is (or
         # |g| > ~1e19 in float32) and > 0 iff an entry is non-zero
@@ -790,21 +791,27 @@ class HealthDoctor(Monitor):
         # was before the step: a step with an update needs no pass over P here
         if self._update_step == ctx.step and self._obs_update:
             self._obs_rows.append(self._obs_update[-1])
-        else:
+        elif ctx.shared.full_step(ctx):
             self._obs_rows.append(ctx.shared.norm(ctx))
+        else:  # above full_above between full steps: the rows of the norm monitor's sample
+            idx = row_sample(P.shape[0], SAMPLE_ABOVE, SAMPLE_ROWS, P.device)
+            self._obs_rows.append(ctx.shared.norm(ctx) if idx is None
+                                  else torch.linalg.vector_norm(ctx.shared.sampled_row_norms(ctx, idx)))
         out = ctx.outputs
         if out is None or ctx.step < self.collapse_warmup:
             return None
         if (ctx.step - self.collapse_warmup) % self.collapse_every != 0:
             return None
-        probs, targets = out.student_probs, out.teacher_targets
+        # large K: the first assignment_rows(K) rows of each matrix (every row of a usual batch at K=512)
+        probs, targets = (m if m is None or m.dim() != 2 else m[:assignment_rows(m.shape[-1])]
+                          for m in (out.student_probs, out.teacher_targets))
         mats = [m.detach() for m in (probs, targets) if m is not None and m.dim() == 2 and m.shape[0] >= 2]
         if not mats:
             return None
         # rows identical: every input maps to the same assignment (representation collapse).
         # The largest column range over the rows, in units of 1/K, of each matrix.
         x = torch.stack(mats) if len(mats) == 2 and mats[0].shape == mats[1].shape else mats[0][None]
-        lo, hi = torch.aminmax(x, dim=1)  # (M, K)
+        lo, hi = x.amin(dim=1), x.amax(dim=1)  # (M, K); aminmax over a middle dim takes a slow path on CPU
         spread = (hi - lo).amax(dim=-1)  # (M,) largest column range of each matrix
         tol = self.collapse_row_tol / x.shape[-1]
         ident = spread.amax() <= tol  # all M identical

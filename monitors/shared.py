@@ -18,6 +18,14 @@ blocks through a small reused scratch (:func:`row_distances`), which reads each 
 writes nothing of size (K, D); totals are one fused ``vector_norm`` pass. Per-row statistics may
 be taken on a fixed row sample above ``SAMPLE_ABOVE`` rows (:func:`row_sample`); the totals
 (``||P||``, ``||grad||``, ``||update||``, drift) are always exact.
+
+Even fused, the whole-tensor statistics are several passes over (K, D) a step: the snapshot copy,
+the update's difference and norm, ``||P||`` and the gradient's norm before and after clipping. On
+one CPU core each pass over DINO's 67 MB costs ~2 ms, elementwise work included, and no eager
+PyTorch kernel fuses a difference with its norm. So above ``full_above`` prototypes (16,384) they
+are taken on every ``full_every``-th step (4) only (:meth:`SharedComputations.full_step`); on those
+steps they are exact, and the per-row statistics of the row sample come every step. At or below
+``full_above`` every step is a full step.
 """
 from __future__ import annotations
 
@@ -44,7 +52,22 @@ SAMPLE_ROWS = 4096
 _BLOCK_CPU = 1 << 18
 _BLOCK_GPU = 1 << 22
 
+#: above this many prototypes the whole-tensor statistics are taken every FULL_EVERY steps
+FULL_ABOVE = 16384
+#: the cadence of the whole-tensor statistics above FULL_ABOVE (1: every step)
+FULL_EVERY = 4
+
+#: (N, K) assignments the monitors read per capture: every row up to this many entries, else the
+#: first ``assignment_rows(K)`` rows (the per-capture matmul and entropies scale with N x K)
+ASSIGN_ENTRIES = 1 << 20
+
 _SAMPLES: dict[tuple, torch.Tensor] = {}
+
+
+def assignment_rows(K: int) -> int:
+    """Rows of an (N, K) assignment matrix the monitors read: ``ASSIGN_ENTRIES // K``, at least 16
+    (2,048 at K=512: every row of a usual batch; 16 at K=65,536)."""
+    return max(16, ASSIGN_ENTRIES // max(1, K))
 
 
 def row_sample(K: int, sample_above: int, sample_rows: int, device: torch.device,
@@ -123,13 +146,23 @@ class SharedComputations:
     does not exist (no gradient, no snapshot this step).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, full_every: int = FULL_EVERY, full_above: int = FULL_ABOVE) -> None:
+        #: whole-tensor statistics every ``full_every`` steps above ``full_above`` prototypes
+        self.full_every = full_every
+        self.full_above = full_above
         self._event = 0
         self._memo: dict[tuple, Any] = {}
         self._snap: Optional[torch.Tensor] = None      # (K, D) prototypes before step()
         self._snap_key: Optional[tuple] = None         # (step, event) of the snapshot
         self._scratch: Optional[torch.Tensor] = None   # (rows, D) block of row_distances
+        self._gathered: Optional[torch.Tensor] = None  # (sample_rows, D) rows of a row sample
         self._update: Optional[tuple] = None           # (step, (K,) update row norms) of the last step
+
+    def full_step(self, ctx: Any) -> bool:
+        """Whether this step takes the statistics that need a whole pass over (K, D) (the
+        snapshot and update, ``||P||``, the gradient's norm): every step up to ``full_above``
+        prototypes, every ``full_every``-th step above (see the module docstring)."""
+        return ctx.prototypes.shape[0] <= self.full_above or ctx.step % self.full_every == 0
 
     def next_event(self) -> None:
         """Forget the values of the previous event (the hub calls this before each dispatch)."""
@@ -177,7 +210,13 @@ class SharedComputations:
         rows = self._memo.get(key)
         if rows is not None:
             return rows.index_select(0, idx)
-        return torch.linalg.vector_norm(t.detach().index_select(0, idx), dim=-1, dtype=work_dtype(t.dtype))
+        src = t.detach()
+        shape = (idx.shape[0], *src.shape[1:])
+        buf = self._gathered  # the sampled rows, gathered into one reused buffer (no fresh 4 MB each call)
+        if buf is None or buf.shape != shape or buf.dtype != src.dtype or buf.device != src.device:
+            self._gathered = buf = torch.empty(shape, dtype=src.dtype, device=src.device)
+        torch.index_select(src, 0, idx, out=buf)
+        return torch.linalg.vector_norm(buf, dim=-1, dtype=work_dtype(t.dtype))
 
     # -- the gradient -----------------------------------------------------------------------
     @staticmethod

@@ -10,11 +10,12 @@ import torch
 from conftest import RecordingSink
 from monitors import RunContext, attach, build_monitors
 from monitors.health import HealthDoctor
-from monitors.shared import block_rows, row_distances, row_sample
+from monitors.shared import assignment_rows, block_rows, row_distances, row_sample
 
 
-def _run(K: int, D: int, steps: int, **options):
-    """A tiny foreign loop with attach(); returns (rows by step, [(P_before, P_after, grad)], P_init)."""
+def _run(K: int, D: int, steps: int, full: tuple[int, int] | None = None, **options):
+    """A tiny foreign loop with attach(); returns (rows by step, [(P_before, P_after, grad)], P_init).
+    ``full``: (full_above, full_every) of the whole-tensor statistics' cadence."""
     torch.manual_seed(0)
     P = torch.nn.Parameter(torch.randn(K, D))
     w = torch.nn.Parameter(torch.randn(D, D) * 0.1)
@@ -22,7 +23,10 @@ def _run(K: int, D: int, steps: int, **options):
     sink = RecordingSink()
     init = P.detach().clone()
     mons = build_monitors({"norms": options, "gradients": options, "deltas": {"drift_every": 1}, "health": {}})
-    hub = attach(opt, P, run=False, sinks=[sink], console=None, log_every=steps, monitors=mons)
+    hub = attach(opt, P, run=False, sinks=[sink], console=None, log_every=steps, monitors=mons,
+                 **({} if full is None else {"full_every": full[1]}))
+    if full is not None:
+        hub.ctx.shared.full_above = full[0]
     seen = []
     for _ in range(steps):
         x = torch.randn(8, D)
@@ -92,6 +96,38 @@ def test_summary_statistics_stay_exact_sampled_or_not(sample_above):
             float((after.double() - init.double()).norm() / init.double().norm()), rel=1e-6)
 
 
+def test_above_full_above_the_whole_tensor_statistics_come_every_full_every_steps_exact():
+    K, D, n = 96, 8, 24
+    rows, seen, init, hub = _run(K, D, 7, full=(64, 3), sample_above=64, sample_rows=n)
+    assert not hub.findings
+    idx = row_sample(K, 64, n, torch.device("cpu"))
+    whole = ("proto/grad/norm", "proto/grad/raw_norm", "proto/grad/to_weight", "proto/delta/norm",
+             "proto/delta/relative", "proto/delta/per_proto_max", "proto/delta/moved")
+    for step, (before, after, grad) in enumerate(seen):
+        r = rows[step]
+        # the sampled per-row statistics every step
+        assert r["proto/norm/sampled"] == n and r["proto/grad/sampled"] == n
+        assert r["proto/grad/per_proto_max"] == pytest.approx(float(grad[idx].norm(dim=1).max()), rel=1e-6)
+        # the drift has its own cadence (drift_every=1 here)
+        assert r["proto/delta/drift"] == pytest.approx(
+            float((after.double() - init.double()).norm() / init.double().norm()), rel=1e-6)
+        if step % 3:
+            assert not set(whole) & set(r), (step, sorted(set(whole) & set(r)))
+            continue
+        U = (after - before).double()
+        assert r["proto/grad/norm"] == pytest.approx(float(grad.double().norm()), rel=1e-6)
+        assert r["proto/grad/raw_norm"] == pytest.approx(float(grad.double().norm()), rel=1e-6)
+        assert r["proto/delta/norm"] == pytest.approx(float(U.norm()), rel=1e-6)
+        assert r["proto/delta/per_proto_max"] == pytest.approx(float(U.norm(dim=1).max()), rel=1e-6)
+        assert r["proto/delta/moved"] == float((U.norm(dim=1) > 0).sum())  # every row, not the sample
+
+
+def test_full_every_is_checked():
+    P = torch.nn.Parameter(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="full_every must be an integer >= 1"):
+        attach(torch.optim.SGD([P], lr=0.1), P, run=False, sinks=[], console=None, full_every=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_row_distances_in_blocks_equal_the_direct_difference(dtype):
     K, D = 3001, 256                      # 1024-row blocks on a CPU: three, the last one partial
@@ -153,9 +189,11 @@ def test_duplicate_check_of_a_small_k_is_one_interval_and_exact():
     assert doc.dup_checked_rows == K and doc.pop_findings() == []
 
 
-def test_a_nan_written_by_the_step_is_seen_through_the_update_norm():
+@pytest.mark.parametrize("full_above, full_every", [(16384, 4), (8, 4)])
+def test_a_nan_written_by_the_step_is_seen_through_the_update_norm(full_above, full_every):
     """The health doctor reads NaN/Inf prototypes from the step's update norm (no extra pass
-    over P): a NaN that optimizer.step() itself writes is reported at the next log interval."""
+    over P): a NaN that optimizer.step() itself writes is reported at the next log interval,
+    also when (above full_above) the update is measured every full_every steps only."""
     torch.manual_seed(0)
     P = torch.nn.Parameter(torch.randn(32, 8))
 
@@ -168,7 +206,9 @@ def test_a_nan_written_by_the_step_is_seen_through_the_update_norm():
             P.data[3, 2] = float("nan")
 
     opt.register_step_post_hook(poison)
-    hub = attach(opt, P, run=False, sinks=[], console=None, log_every=5, monitors=["deltas", "health"])
+    hub = attach(opt, P, run=False, sinks=[], console=None, log_every=5, monitors=["deltas", "health"],
+                 full_every=full_every)
+    hub.ctx.shared.full_above = full_above
     for _ in range(10):
         opt.zero_grad()
         P.square().sum().backward()
@@ -176,3 +216,34 @@ def test_a_nan_written_by_the_step_is_seen_through_the_update_norm():
     hub.close()
     found = [(f.code, f.step) for f in hub.findings if f.severity == "error"]
     assert ("PROTO_NONFINITE", 9) in found
+
+
+def test_large_k_capture_reads_the_first_rows_and_still_sees_collapse():
+    """Above ASSIGN_ENTRIES / N prototypes the assignments derived from the one line are those
+    of the first assignment_rows(K) rows of the batch (marked ``proto/usage/sampled``); a collapse
+    is still reported from them."""
+    K, D, N = 32768, 8, 64
+    rows = assignment_rows(K)
+    assert rows == 32 and assignment_rows(512) == 2048  # every row of a usual batch at K=512
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, D))
+    P = torch.nn.Parameter(torch.randn(K, D))
+    opt = torch.optim.SGD([*model.parameters(), P], lr=0.1)
+    sink = RecordingSink()
+    hub = attach(opt, P, model=model, run=False, sinks=[sink], console=None, log_every=10,
+                 monitors=["usage", "health"])
+    seen = []  # the shapes of the derived assignments the monitors read
+    for _ in range(20):
+        z = torch.nn.functional.normalize(model(torch.ones(N, 4)), dim=-1)  # every input: one output
+        loss = -(z @ torch.nn.functional.normalize(P, dim=-1).T).amax(dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hub.ctx.outputs is not None and hub.ctx.outputs.student_probs is not None:
+            seen.append(tuple(hub.ctx.outputs.student_probs.shape))
+    hub.close()
+    assert seen and set(seen) == {(rows, K)}, seen
+    marked = {s: r["proto/usage/sampled"] for s, r in sink.rows if "proto/usage/sampled" in r}
+    assert marked and set(marked.values()) == {float(rows)} and all(s % 5 == 0 for s in marked)
+    f = next((f for f in hub.findings if f.code == "PROTO_COLLAPSE"), None)
+    assert f is not None and "one-prototype kind" in f.message, [str(x) for x in hub.findings]
