@@ -5,17 +5,10 @@ from typing import Any, Mapping, Optional
 
 from .events import EVENTS, EXTRA_HOOKS, RunContext
 from .finding import Finding
+from .options import positive_int
 
 #: What a hook returns: metric name -> value (0-dim tensor on any device, number, or media).
 Metrics = Optional[Mapping[str, Any]]
-
-
-def positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
-    """Check a monitor option: an integer >= ``minimum`` (bools refused), else a ValueError
-    that names the monitor, the option and the value."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class Monitor:
