@@ -114,6 +114,31 @@ class MonitorHub:
         elif event in ("on_save_checkpoint", "on_train_end"):
             self.flush()
 
+    def emit_with(self, event: str, ctx: RunContext, **payload: Any) -> None:
+        """Emit ``event`` with ``ctx.<name> = value`` set for each payload entry (``checkpoint=``,
+        ``embeddings=``, ``outputs=``, ...) and cleared again afterwards, even if the emit raised."""
+        for k, v in payload.items():
+            setattr(ctx, k, v)
+        try:
+            self.emit(event, ctx)
+        finally:
+            for k in payload:
+                setattr(ctx, k, None)
+
+    def log_train(self, loss: Any = None, terms: Optional[Mapping[str, Any]] = None,
+                  step: Optional[int] = None, **values: Any) -> None:
+        """Buffer the loop's own values: ``train/loss``, ``train/<term>`` for each loss term and
+        ``train/<name>`` for each keyword (lr, wd, momentum, epoch, ...). Scalar tensors stay on
+        the device until the log interval; other entries (non-scalar tensors, bools) are skipped."""
+        row: dict[str, Any] = {}
+        for k, v in [("loss", loss), *dict(terms or {}).items(), *values.items()]:
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                row["train/" + k] = v.detach().reshape(())
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                row["train/" + k] = v
+        if row:
+            self.log(row, step=step)
+
     def _call(self, m: Monitor, hook: str, ctx: RunContext) -> None:
         try:
             out = getattr(m, hook)(ctx)

@@ -30,3 +30,29 @@ def test_every_fires_first_then_after_n_steps_and_resumes():
     assert not e2.due(22) and e2.fire(23)
     with pytest.raises(ValueError, match="must be an integer >= 1"):
         Every(0)
+
+
+def test_emit_with_clears_the_payload_and_log_train_keeps_scalars():
+    import torch
+    from monitors import Monitor, MonitorHub, RunContext
+
+    seen = []
+
+    class Boom(Monitor):
+        name = "boom"
+
+        def on_save_checkpoint(self, ctx):
+            seen.append(ctx.checkpoint)
+            raise RuntimeError("x")
+
+    P = torch.zeros(4, 2)
+    ctx = RunContext(prototypes=P)
+    hub = MonitorHub([Boom()], console=None)
+    hub.ctx = ctx
+    hub.emit_with("on_save_checkpoint", ctx, checkpoint={"a": 1})
+    assert seen == [{"a": 1}] and ctx.checkpoint is None and "boom" in hub.disabled
+    hub.log_train(torch.tensor(2.0), {"ploss": torch.tensor([1.0]), "vec": torch.ones(3)}, step=0, lr=0.1,
+                  epoch=3, flag=True)
+    row = hub._rows[0]
+    assert set(row) == {"train/loss", "train/ploss", "train/lr", "train/epoch"}
+    assert row["train/epoch"] == 3 and row["train/loss"].shape == ()
