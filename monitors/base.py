@@ -25,6 +25,9 @@ class Monitor:
     name: str = "monitor"
     #: run the per-step hooks every n optimizer steps (other events always run)
     every_n_steps: int = 1
+    #: every metric name this monitor can log, as literals (``<group>`` marks a part that comes
+    #: from the run); the README's metric table is checked against these (tests/test_readme_tables.py)
+    metrics: tuple[str, ...] = ()
 
     def __init__(self, every_n_steps: Optional[int] = None) -> None:
         if every_n_steps is not None:

@@ -9,9 +9,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
 from .events import RunContext
 from .media import VectorStat
+from .options import positive_int
 from .shared import block_rows, work_dtype
 
 _TINY = 1e-12
@@ -29,13 +30,15 @@ class DeltaMonitor(Monitor):
     Above ``ctx.shared.full_above`` prototypes (16,384) the update statistics are those of every
     ``full_every``-th step (4; exact on those steps, :mod:`monitors.shared`).
 
-    For other monitors: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last step
-    measured, and :attr:`last_proto_norms` (K,), all on the device.
+    For inspection: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last
+    step measured, and :attr:`last_proto_norms` (K,), all on the device.
 
     State: ``P_init`` (on CPU) so that a resumed run continues its drift curve.
     """
 
     name = "deltas"
+    metrics = ("proto/delta/norm", "proto/delta/relative", "proto/delta/per_proto_mean", "proto/delta/per_proto_max",
+               "proto/delta/moved", "proto/delta/drift")
 
     def __init__(self, every_n_steps: Optional[int] = None, drift_every: int = 10) -> None:
         super().__init__(every_n_steps)
@@ -112,7 +115,6 @@ class DeltaMonitor(Monitor):
             dist = torch.dist(P, init)  # small: one kernel, its temporary fits the cache
         else:
             # ||P - P_init|| in row blocks through the shared small scratch: no (K, D) temporary
-            # (torch.dist made one: ~35 ms of page faults at K=65536, D=256 on a CPU)
             dist = torch.linalg.vector_norm(ctx.shared.distances(P, init))
         return dist / self._init_norm
 

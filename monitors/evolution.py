@@ -8,11 +8,12 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
+from .cadence import Every
 from .events import RunContext
 from .media import Image, figure_to_array
+from .options import number_in, positive_int
 from .shared import row_distances, work_dtype
-
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -43,7 +44,7 @@ def _is_even(x: np.ndarray) -> bool:
 
 class _Heatmap:
     """One reusable heatmap figure. Building axes, ticks and colorbar is most of matplotlib's
-    cost, so they are made once and later renders only swap the data (~2x faster)."""
+    cost, so they are made once and later renders only swap the data."""
 
     def __init__(self, cbar: str) -> None:
         self.cbar = cbar
@@ -87,17 +88,18 @@ class EvolutionMonitor(Monitor):
     interval doubles, so long runs stay bounded and evenly sampled.
 
     At ``on_log`` every ``image_every`` steps, but at most once per ``min_render_seconds`` of
-    wall time (a render takes ~0.1-0.3 s on a CPU: with fast steps a step cadence alone would
-    cost percents of training), and at ``on_train_end`` it renders two heatmaps,
+    wall time (a render costs a noticeable fraction of a second on a CPU, too much for a step
+    cadence alone when steps are fast), and at ``on_train_end`` it renders two heatmaps,
     ``proto/evolution/norm`` and ``proto/evolution/update`` (log10): rows are prototypes sorted by
     their latest norm (at most ``max_rows``, evenly sampled), columns are steps. For
     K > ``max_tracked`` a fixed evenly spaced subset of prototypes is tracked.
-    :meth:`history` returns the data of the last render for dashboards.
+    :meth:`history` returns the data of the last render.
 
     State: the buffers (on CPU), so a resumed run's heatmap continues.
     """
 
     name = "evolution"
+    metrics = ("proto/evolution/norm", "proto/evolution/update")
 
     def __init__(self, every_n_steps: int = 10, max_columns: int = 200, image_every: int = 100,
                  max_rows: int = 256, max_tracked: int = 4096, min_render_seconds: float = 30.0) -> None:
@@ -107,15 +109,13 @@ class EvolutionMonitor(Monitor):
         self.image_every = positive_int(owner, "image_every", image_every)
         self.max_rows = positive_int(owner, "max_rows", max_rows)
         self.max_tracked = positive_int(owner, "max_tracked", max_tracked)
-        if not isinstance(min_render_seconds, (int, float)) or min_render_seconds < 0:
-            raise ValueError(f"{owner}: min_render_seconds must be a number >= 0, got {min_render_seconds!r}")
-        self.min_render_seconds = float(min_render_seconds)
+        self.min_render_seconds = number_in(owner, "min_render_seconds", min_render_seconds, 0.0)
         self._last_render_time = -math.inf            # time.monotonic() of the last render
         self._norm: Optional[torch.Tensor] = None    # (max_columns, Kt) float32, row c = column c
         self._update: Optional[torch.Tensor] = None  # (max_columns, Kt)
         self._steps: list[int] = []                  # real step of each filled column
         self._stride = 1                             # record every every_n_steps * stride steps
-        self._last_record: Optional[int] = None
+        self._record = Every(self.every_n_steps, owner, "every_n_steps")  # its n follows the stride
         self._tracked: Optional[torch.Tensor] = None  # (Kt,) prototype indices when K > max_tracked
         self._tracked_for: Optional[int] = None       # K the tracked indices were made for
         self._num_proto: Optional[int] = None
@@ -146,11 +146,13 @@ class EvolutionMonitor(Monitor):
         return torch.index_select(P, 0, self._tracked, out=buf)
 
     def _due(self, step: int) -> bool:
-        return self._last_record is None or step - self._last_record >= self.every_n_steps * self._stride
+        """Whether ``step`` records a column (every ``every_n_steps * stride`` steps)."""
+        self._record.n = self.every_n_steps * self._stride
+        return self._record.due(step)
 
     def on_train_start(self, ctx: RunContext) -> Metrics:
-        # import the renderer now, before the first step: ~0.5 s once, which would otherwise
-        # stall the step of the first render in the middle of training
+        # import the renderer now, before the first step: the import would otherwise stall the
+        # step of the first render in the middle of training
         _new_figure("")
         return None
 
@@ -214,7 +216,7 @@ class EvolutionMonitor(Monitor):
         self._norm[c].copy_(norms)
         self._update[c].copy_(update)
         self._steps.append(step)
-        self._last_record = step
+        self._record.last = step
         self._dirty = True
 
     # -- rendering (host side) --------------------------------------------------------------
@@ -310,7 +312,7 @@ class EvolutionMonitor(Monitor):
             "norm": self._norm[:T].detach().cpu().clone(),
             "update": self._update[:T].detach().cpu().clone(),
             "stride": self._stride,
-            "last_record": self._last_record,
+            "last_record": self._record.last,
             "num_proto": self._num_proto,
         }
 
@@ -328,7 +330,7 @@ class EvolutionMonitor(Monitor):
         self._norm = self._update = None
         self._steps = list(self._loaded["steps"])
         self._stride = self._loaded["stride"]
-        self._last_record = self._loaded["last_record"]
+        self._record.load_state_dict({"last": self._loaded["last_record"]})
         self._num_proto = self._loaded["num_proto"]
         self._dirty = bool(self._steps)
         self._history = None

@@ -5,9 +5,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
+from .cadence import Every
 from .events import RunContext
 from .media import Histogram, VectorStat
+from .options import positive_int
 from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, grad_of, row_sample, work_dtype
 
 _TINY = 1e-12
@@ -33,8 +35,8 @@ class GradientMonitor(Monitor):
     (``||grad|| / ||P||``), ``proto/grad/hist`` (K per-prototype norms, every ``hist_every``
     steps), and for each entry of ``ctx.param_groups``: ``grad/<name>/norm`` and
     ``grad/<name>/to_weight`` over the parameters of that group that have a gradient, every
-    ``groups_every`` steps (a pass over every gradient and weight of the model is about as
-    costly as ``clip_grad_norm_``: on CPU that is ~10% of a small model's step; 1 = every step).
+    ``groups_every`` steps (a pass over every gradient and weight of the model, as costly as
+    ``clip_grad_norm_``; 1 = every step).
 
     Above ``sample_above`` prototypes (16,384) the per-prototype statistics and the histogram
     are those of a fixed random sample of ``sample_rows`` (4,096) rows, and
@@ -47,18 +49,19 @@ class GradientMonitor(Monitor):
     """
 
     name = "gradients"
+    metrics = ("proto/grad/raw_norm", "proto/grad/norm", "proto/grad/per_proto_mean", "proto/grad/per_proto_max",
+               "proto/grad/to_weight", "proto/grad/sampled", "proto/grad/hist",
+               "grad/<group>/norm", "grad/<group>/to_weight")  # <group>: each name of ctx.param_groups
 
     def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50,
                  groups_every: int = 10, sample_above: int = SAMPLE_ABOVE,
                  sample_rows: int = SAMPLE_ROWS) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
-        self.hist_every = positive_int(owner, "hist_every", hist_every)
-        self.groups_every = positive_int(owner, "groups_every", groups_every)
+        self._hist = Every(hist_every, owner, "hist_every")
+        self._groups = Every(groups_every, owner, "groups_every")
         self.sample_above = positive_int(owner, "sample_above", sample_above, minimum=0)
         self.sample_rows = positive_int(owner, "sample_rows", sample_rows)
-        self._last_hist: Optional[int] = None
-        self._last_groups: Optional[int] = None
 
     def on_after_backward(self, ctx: RunContext) -> Metrics:
         if not ctx.shared.full_step(ctx):
@@ -87,12 +90,9 @@ class GradientMonitor(Monitor):
             out["proto/grad/to_weight"] = total / ctx.shared.norm(ctx).clamp_min(_TINY)
         if idx is not None:
             out["proto/grad/sampled"] = float(idx.shape[0])
-        if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
-            self._last_hist = ctx.step
+        if self._hist.fire(ctx.step):
             out["proto/grad/hist"] = Histogram(per)
-        if ctx.param_groups and (self._last_groups is None
-                                 or ctx.step - self._last_groups >= self.groups_every):
-            self._last_groups = ctx.step
+        if ctx.param_groups and self._groups.fire(ctx.step):
             out.update(self._group_norms(ctx))
         return out
 
@@ -110,6 +110,6 @@ class GradientMonitor(Monitor):
                 continue
             g_norm = _total_norm(grads)
             w_norm = _total_norm(weights)
-            out[f"grad/{group}/norm"] = g_norm
-            out[f"grad/{group}/to_weight"] = g_norm / w_norm.clamp_min(_TINY)
+            out["grad/<group>/norm".replace("<group>", group)] = g_norm
+            out["grad/<group>/to_weight".replace("<group>", group)] = g_norm / w_norm.clamp_min(_TINY)
         return out

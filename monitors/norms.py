@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
+from .cadence import Every
 from .events import RunContext
 from .media import Histogram, VectorStat
+from .options import positive_int
 from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 
@@ -22,15 +24,16 @@ class NormMonitor(Monitor):
     """
 
     name = "norms"
+    metrics = ("proto/norm/mean", "proto/norm/min", "proto/norm/max", "proto/norm/std", "proto/norm/hist",
+               "proto/norm/sampled")
 
     def __init__(self, every_n_steps: Optional[int] = None, hist_every: int = 50,
                  sample_above: int = SAMPLE_ABOVE, sample_rows: int = SAMPLE_ROWS) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
-        self.hist_every = positive_int(owner, "hist_every", hist_every)
+        self._hist = Every(hist_every, owner, "hist_every")
         self.sample_above = positive_int(owner, "sample_above", sample_above, minimum=0)
         self.sample_rows = positive_int(owner, "sample_rows", sample_rows)
-        self._last_hist: Optional[int] = None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:
         P = ctx.prototypes
@@ -40,10 +43,14 @@ class NormMonitor(Monitor):
         else:
             norms = ctx.shared.sampled_row_norms(ctx, idx)  # (sample_rows,): a gather, not a pass
         # the statistics are reduced by the hub at the log interval: one pass here per step
-        out: dict = {f"proto/norm/{stat}": VectorStat(norms, stat) for stat in ("mean", "min", "max", "std")}
+        out: dict = {
+            "proto/norm/mean": VectorStat(norms, "mean"),
+            "proto/norm/min": VectorStat(norms, "min"),
+            "proto/norm/max": VectorStat(norms, "max"),
+            "proto/norm/std": VectorStat(norms, "std"),
+        }
         if idx is not None:
             out["proto/norm/sampled"] = float(idx.shape[0])
-        if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
-            self._last_hist = ctx.step
+        if self._hist.fire(ctx.step):
             out["proto/norm/hist"] = Histogram(norms)  # fresh tensor: safe to keep until flush
         return out

@@ -20,9 +20,8 @@ be taken on a fixed row sample above ``SAMPLE_ABOVE`` rows (:func:`row_sample`);
 (``||P||``, ``||grad||``, ``||update||``, drift) are always exact.
 
 Even fused, the whole-tensor statistics are several passes over (K, D) a step: the snapshot copy,
-the update's difference and norm, ``||P||`` and the gradient's norm before and after clipping. On
-one CPU core each pass over DINO's 67 MB costs ~2 ms, elementwise work included, and no eager
-PyTorch kernel fuses a difference with its norm. So above ``full_above`` prototypes (16,384) they
+the update's difference and norm, ``||P||`` and the gradient's norm before and after clipping, and
+no eager PyTorch kernel fuses a difference with its norm. So above ``full_above`` prototypes (16,384) they
 are taken on every ``full_every``-th step (4) only (:meth:`SharedComputations.full_step`); on those
 steps they are exact, and the per-row statistics of the row sample come every step. At or below
 ``full_above`` every step is a full step.

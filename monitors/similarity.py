@@ -5,10 +5,11 @@ from typing import Optional
 
 import torch
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
+from .cadence import Every
 from .events import RunContext
 from .media import Histogram
-
+from .options import number_in, positive_int
 
 
 class SimilarityMonitor(Monitor):
@@ -24,19 +25,19 @@ class SimilarityMonitor(Monitor):
     """
 
     name = "similarity"
+    metrics = ("proto/similarity/max", "proto/similarity/mean", "proto/similarity/mean_abs",
+               "proto/similarity/nn_mean", "proto/similarity/duplicates", "proto/similarity/min_distance",
+               "proto/similarity/hist")
 
     def __init__(self, every_n_steps: int = 10, hist_every: int = 50, max_proto: int = 2048,
                  dup_threshold: float = 0.99, hist_pairs: int = 4096, seed: int = 0) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
-        self.hist_every = positive_int(owner, "hist_every", hist_every)
+        self._hist = Every(hist_every, owner, "hist_every")
         self.max_proto = positive_int(owner, "max_proto", max_proto)
         self.hist_pairs = positive_int(owner, "hist_pairs", hist_pairs)
-        if not isinstance(dup_threshold, (int, float)) or not -1.0 <= dup_threshold <= 1.0:
-            raise ValueError(f"{owner}: dup_threshold must be a cosine in [-1, 1], got {dup_threshold!r}")
-        self.dup_threshold = float(dup_threshold)
+        self.dup_threshold = number_in(owner, "dup_threshold", dup_threshold, -1.0, 1.0)  # a cosine
         self.seed = int(seed)
-        self._last_hist: Optional[int] = None
         self._subset: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._pairs: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._buffers: dict[str, torch.Tensor] = {}  # X (k, D) and S (k, k), reused
@@ -69,8 +70,7 @@ class SimilarityMonitor(Monitor):
         return self._pairs[key]
 
     def _work(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """A float32 work buffer kept between calls: at large K the (k, k) matrix is 16 MB, and
-        a fresh one per call costs page faults (glibc maps allocations that large anew)."""
+        """A float32 work buffer kept between calls (a fresh (k, k) matrix per call is costly at large K)."""
         buf = self._buffers.get(name)
         if buf is None or buf.shape != shape or buf.device != device:
             buf = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=device)
@@ -94,8 +94,7 @@ class SimilarityMonitor(Monitor):
         diag = S.diagonal()
         n_off = k * (k - 1)
         out = {"proto/similarity/mean": (S.sum() - diag.sum()) / n_off}
-        if self._last_hist is None or ctx.step - self._last_hist >= self.hist_every:
-            self._last_hist = ctx.step
+        if self._hist.fire(ctx.step):
             i, j = self._hist_pairs(k, S.device)
             out["proto/similarity/hist"] = Histogram(S[i, j])                # gather: a copy
         diag.fill_(-2.0)                                  # below any cosine: excluded from max

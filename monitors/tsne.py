@@ -6,36 +6,35 @@ previous frame's layout and is aligned to it, so the sequence shows the prototyp
 dashboard turns the frames saved under ``<exp_dir>/tsne/`` into an animated GIF (``monitors.dashboard.build_tsne_gif``).
 
 Training never waits for a frame: the t-SNE and the rendering run in a separate, niced,
-single-threaded Python process; hooks only check whether the frame in flight is done.
+single-threaded Python process (:mod:`monitors.tsne_worker`); hooks only check whether the frame
+in flight is done.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
 from .events import RunContext
 from .media import Image, Table
-from .tsne_frame import HEADER, compute_frame, read_message
+from .options import number_in, positive_int
+from .tsne_frame import compute_frame
+from .tsne_worker import BackgroundWorker
 
 #: sklearn's TSNE refuses fewer iterations (its early-exaggeration phase alone is 250)
 MIN_TSNE_ITER = 250
 #: fewer points than this make no t-SNE (perplexity needs a few neighbours)
 MIN_FRAME_POINTS = 4
 TABLE_COLUMNS = ("x", "y", "kind", "label", "step")
-
+#: the default ``frame_every``: steps between two training-time frames
+FRAME_EVERY = 200
 
 
 class TSNEMonitor(Monitor):
@@ -49,7 +48,7 @@ class TSNEMonitor(Monitor):
     - training steps: ``on_step_end`` copies ``ctx.outputs.projections`` (B, D) and
       ``ctx.outputs.labels`` (B,) into a device-side ring buffer of the latest ``max_points``
       rows (no sync); ``on_log`` takes a frame once the step passes the next multiple of
-      ``every_n_steps``. If the worker is still busy then, the frame is skipped
+      ``frame_every``. If the worker is still busy then, the frame is skipped
       (``proto/tsne_skipped``).
 
     A finished frame is returned by the next ``on_step_end``/``on_log``/``close()`` as
@@ -59,7 +58,12 @@ class TSNEMonitor(Monitor):
     ``<exp_dir>/tsne/frame_<step:07d>.png`` plus one line of ``<exp_dir>/tsne/frames.jsonl``.
 
     Args:
-        every_n_steps: steps between two training-time frames.
+        every_n_steps: the hub cadence of ``on_step_end`` (the ring-buffer copies), as for every
+            monitor (default 1: every step; a ring buffer filled only at frame steps would hold
+            one batch, or batches of an older model). Before, this option was the frame cadence:
+            so that an old config cannot silently mean something else, giving it without
+            ``frame_every`` is an error.
+        frame_every: steps between two training-time frames (default ``FRAME_EVERY`` = 200).
         max_points: embeddings per frame (and size of the ring buffer).
         max_prototypes: prototypes per frame: all if K is smaller, else a fixed random subset,
             the same in every frame so that each prototype can be followed.
@@ -67,35 +71,35 @@ class TSNEMonitor(Monitor):
             start; the first frame, from PCA, uses at least ``FIRST_FRAME_ITER`` = 500).
         background: compute in a background process; False computes inline (tests, debugging).
         seed: seed of the prototype subset, of the t-SNE and of the initial jitter.
-        collect_every_n_steps: the hub cadence of ``on_step_end`` (ring-buffer copies). It is
-            this monitor's :attr:`every_n_steps` as the hub sees it: the frame cadence
-            (``every_n_steps`` above) is :attr:`frame_every_n_steps`, because a ring buffer
-            filled only at frame steps would hold one batch, or batches of an older model.
         close_timeout_s: how long :meth:`close` waits for the frame in flight.
-        worker_nice: niceness of the worker process. 19 (the default) gives it about 0.7 % of
-            two cores that training keeps busy (measured), so a frame may take a minute there
-            and later ones are skipped meanwhile; 10 gives it about 3 %, which costs a
-            CPU-bound training a few per cent of its speed.
+        worker_nice: niceness of the worker process. 19 (the default) leaves training nearly all
+            of busy cores, so a frame may take a minute there and later ones are skipped
+            meanwhile; 10 gives the frames more CPU, at a few per cent of a CPU-bound training's
+            speed.
     """
 
     name = "tsne"
+    metrics = ("proto/tsne", "proto/tsne_table", "proto/tsne_step", "proto/tsne_skipped", "perf/tsne_frame_s")
 
-    def __init__(self, every_n_steps: int = 200, max_points: int = 400, max_prototypes: int = 256,
-                 max_iter: int = 250, background: bool = True, seed: int = 0,
-                 collect_every_n_steps: int = 1, close_timeout_s: float = 60.0,
+    def __init__(self, every_n_steps: Optional[int] = None, frame_every: Optional[int] = None,
+                 max_points: int = 400, max_prototypes: int = 256, max_iter: int = 250,
+                 background: bool = True, seed: int = 0, close_timeout_s: float = 60.0,
                  worker_nice: int = 19) -> None:
-        super().__init__(collect_every_n_steps)
         owner = type(self).__name__
-        self.frame_every_n_steps = positive_int(owner, "every_n_steps", every_n_steps)
+        if every_n_steps is not None and frame_every is None:
+            raise ValueError(
+                f"{owner}: every_n_steps is the hub cadence of the ring-buffer copies, like every "
+                f"monitor's; the frame cadence is frame_every (every_n_steps meant it before): pass "
+                f"frame_every={every_n_steps!r} for frames every {every_n_steps!r} steps, and every_n_steps "
+                f"only beside frame_every")
+        super().__init__(every_n_steps)
+        self.frame_every = positive_int(owner, "frame_every", FRAME_EVERY if frame_every is None else frame_every)
         self.max_points = positive_int(owner, "max_points", max_points)
         self.max_prototypes = positive_int(owner, "max_prototypes", max_prototypes)
         self.max_iter = positive_int(owner, "max_iter", max_iter, MIN_TSNE_ITER)
-        if not isinstance(close_timeout_s, (int, float)) or close_timeout_s < 0:
-            raise ValueError(f"{owner}: close_timeout_s must be a number of seconds >= 0, got {close_timeout_s!r}")
-        self.close_timeout_s = float(close_timeout_s)
-        if not isinstance(worker_nice, int) or isinstance(worker_nice, bool) or not 0 <= worker_nice <= 19:
-            raise ValueError(f"{owner}: worker_nice must be an integer in 0..19, got {worker_nice!r}")
-        self.worker_nice = worker_nice
+        self.close_timeout_s = number_in(owner, "close_timeout_s", close_timeout_s, 0.0)
+        self.worker_nice = positive_int(owner, "worker_nice", worker_nice, minimum=0)
+        number_in(owner, "worker_nice", worker_nice, 0, 19)
         self.background = bool(background)
         self.seed = int(seed)
         #: every finished frame: {"step", "coords" (n, 2), "labels", "kinds", "source"}
@@ -113,11 +117,16 @@ class TSNEMonitor(Monitor):
         self._ptr = 0
         self._filled = 0
         # background work
-        self._worker: Optional[_BackgroundWorker] = None
+        self._worker: Optional[BackgroundWorker] = None
         self._future: Optional[Future] = None
         self._pending: Optional[dict[str, Any]] = None  # an on_embeddings job waiting for the worker
         self._png_names: set[str] = set()
         self._colours: dict[str, int] = {}  # speaker -> colour index, kept across frames
+
+    @property
+    def frame_every_n_steps(self) -> int:
+        """The frame cadence, :attr:`frame_every` (this attribute's earlier name)."""
+        return self.frame_every
 
     # -- hooks ------------------------------------------------------------------------------
     def on_step_end(self, ctx: RunContext) -> Metrics:
@@ -129,7 +138,7 @@ class TSNEMonitor(Monitor):
     def on_log(self, ctx: RunContext) -> Metrics:
         metrics = dict(self._poll() or {})
         if ctx.step >= self._next_frame_step and ctx.is_main_process:
-            self._next_frame_step = (ctx.step // self.frame_every_n_steps + 1) * self.frame_every_n_steps
+            self._next_frame_step = (ctx.step // self.frame_every + 1) * self.frame_every
             if self._busy():
                 self._skipped += 1
                 metrics["proto/tsne_skipped"] = self._skipped
@@ -310,7 +319,7 @@ class TSNEMonitor(Monitor):
         if not self.background:
             return self._accept(compute_frame(job))
         if self._worker is None:
-            self._worker = _BackgroundWorker(nice=self.worker_nice)
+            self._worker = BackgroundWorker(nice=self.worker_nice)
         self._future = self._worker.submit(job)
         return None
 
@@ -368,97 +377,3 @@ def _subset(K: int, m: int, seed: int) -> np.ndarray:
     if K <= m:
         return np.arange(K, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(K, size=m, replace=False)).astype(np.int64)
-
-
-# -- the background process -----------------------------------------------------------------
-#: run the worker under Linux SCHED_IDLE as well: it then only gets otherwise idle CPU time, so
-#: training loses nothing, but a machine that training saturates starves the frames completely
-#: (measured: 0.05 s of CPU per 20 s on two busy cores), so it is off
-WORKER_IDLE = False
-
-
-def _child_prelude(nice: int, idle: bool) -> str:
-    """First lines of the worker, run before its heavy imports (torch, sklearn)."""
-    lines = ["import os, sys", "try:", f"    os.nice({int(nice)})", "except OSError:", "    pass"]
-    if idle:
-        lines += ["try:", "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))",
-                  "except (AttributeError, OSError):", "    pass"]
-    return "\n".join(lines) + "\n"
-
-
-class _BackgroundWorker:
-    """One long-lived, niced, single-threaded Python process computing frames; results arrive as
-    :class:`concurrent.futures.Future` objects.
-
-    Why not ``multiprocessing``/``ProcessPoolExecutor``: fork is unsafe in a process running torch
-    threads, and ``spawn``/``forkserver`` re-import the user's ``__main__`` script in the child,
-    which re-runs a training script that lacks an ``if __name__ == "__main__":`` guard (common
-    in the loops ``attach()`` is made for). A fresh interpreter that imports only this module
-    has neither problem. Messages are length-prefixed pickles over the child's stdin/stdout; one
-    short-lived thread per frame writes the job and waits for the answer, so the training
-    thread never blocks, not even while the child starts.
-    """
-
-    def __init__(self, nice: int = 19) -> None:
-        self.nice = nice
-        self._proc: Optional[subprocess.Popen] = None
-        self._lock = threading.Lock()  # one frame at a time on the pipes
-        self._closed = False
-
-    def _ensure_started(self) -> subprocess.Popen:
-        if self._proc is None:
-            # the worker runs tsne_frame.py as a script: no torch, no monitors package to import
-            worker = str(Path(__file__).resolve().with_name("tsne_frame.py"))
-            env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                       NUMEXPR_NUM_THREADS="1", VECLIB_MAXIMUM_THREADS="1", MPLBACKEND="Agg",
-                       CUDA_VISIBLE_DEVICES="")
-            code = _child_prelude(self.nice, WORKER_IDLE) + f"import runpy\nrunpy.run_path({worker!r}, run_name='__main__')\n"
-            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, env=env, close_fds=True)
-        return self._proc
-
-    def submit(self, job: Mapping[str, Any]) -> Future:
-        if self._closed:
-            raise RuntimeError("tsne: the background worker was shut down")
-        data = pickle.dumps(dict(job), protocol=pickle.HIGHEST_PROTOCOL)  # a pickling error raises here
-        fut: Future = Future()
-        threading.Thread(target=self._run, args=(data, fut), name="tsne-frame", daemon=True).start()
-        return fut
-
-    def _run(self, data: bytes, fut: Future) -> None:
-        try:
-            with self._lock:
-                proc = self._ensure_started()
-                proc.stdin.write(HEADER.pack(len(data)) + data)
-                proc.stdin.flush()
-                reply = read_message(proc.stdout)
-            if reply is None:
-                raise RuntimeError(f"tsne: the background worker exited (code {proc.poll()}) before "
-                                   "answering; its stderr above says why")
-            if reply[0] == "ok":
-                fut.set_result(reply[1])
-            else:
-                fut.set_exception(RuntimeError(f"tsne: frame failed in the background worker: {reply[1]}\n{reply[2]}"))
-        except BaseException as exc:  # broken pipe, dead worker, unpicklable reply
-            if not fut.done():
-                fut.set_exception(exc)
-
-    @property
-    def pid(self) -> Optional[int]:
-        return None if self._proc is None else self._proc.pid
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Close the child's stdin (it exits at EOF); kill it if it does not within ``timeout``."""
-        self._closed = True
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

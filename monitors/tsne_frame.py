@@ -20,7 +20,7 @@ import numpy as np
 #: exaggeration, then at least 250 without (250 alone leave a squashed, line-like layout)
 FIRST_FRAME_ITER = 500
 #: later frames start from the previous layout: early exaggeration would first contract that
-#: layout (measured: 40 -> 0.5 units wide within three frames), so it is switched off
+#: layout, so it is switched off
 WARM_EXAGGERATION = 1.0
 HEADER = struct.Struct("!Q")  # length prefix of one pickled message on the worker's pipes
 

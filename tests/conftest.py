@@ -34,7 +34,7 @@ def micro(data_cache, tmp_path) -> list[str]:
         "hidden_dim=32", "output_dim=16", "num_proto=16", "batch_size=8", "max_frames=40",
         "epochs=4", "warmup_epochs=1", "log_every=2", "ckpt_every=100", "progress=false",
         "threads=1", f"exp_dir={tmp_path / 'run'}",
-        "monitors={tsne: {every_n_steps: 4, background: false}, norms: {}, gradients: {}, "
+        "monitors={tsne: {frame_every: 4, background: false}, norms: {}, gradients: {}, "
         "deltas: {}, usage: {}, similarity: {every_n_steps: 2}, evolution: {}, health: {}}",
     ]
 

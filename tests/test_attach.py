@@ -363,7 +363,7 @@ def test_bad_inputs_say_what_is_wrong_and_how_to_fix():
 def test_per_monitor_options_are_passed():
     head = SwAVHead()
     opt = torch.optim.SGD(head.parameters(), lr=0.1)
-    hub = attach(opt, head.prototypes, run=False, console=False, tsne={"every_n_steps": 50, "background": False},
+    hub = attach(opt, head.prototypes, run=False, console=False, tsne={"frame_every": 50, "background": False},
                  similarity={"every_n_steps": 7})
     assert hub.get("tsne").frame_every_n_steps == 50 and hub.get("similarity").every_n_steps == 7
     assert isinstance(hub, AttachedHub)

@@ -95,7 +95,7 @@ def test_align_undoes_a_rotation_and_a_shift():
 
 def test_ring_buffer_keeps_the_latest_rows_and_frames_follow_the_cadence():
     protos, _, _ = _data()
-    mon = TSNEMonitor(every_n_steps=10, max_points=12, background=False)
+    mon = TSNEMonitor(frame_every=10, max_points=12, background=False)
     ctx = RunContext(prototypes=protos)
     rows = torch.arange(25 * D, dtype=torch.float32).reshape(25, D)
     batches = [(rows[0:5], 0), (rows[5:10], 1), (rows[10:15], 2), (rows[15:20], 3), (rows[20:25], 4)]
@@ -125,7 +125,7 @@ def test_ring_buffer_keeps_the_latest_rows_and_frames_follow_the_cadence():
 
 def test_state_round_trip_keeps_aligning_to_the_previous_layout():
     protos, emb, labels = _data()
-    mon = TSNEMonitor(background=False, max_prototypes=32, every_n_steps=50)
+    mon = TSNEMonitor(background=False, max_prototypes=32, frame_every=50)
     ctx = RunContext(prototypes=protos, embeddings=emb, labels=labels.tolist(), step=60)
     mon.on_embeddings(ctx)
     mon.on_log(ctx)  # a training frame too: next frame step becomes 100
@@ -134,7 +134,7 @@ def test_state_round_trip_keeps_aligning_to_the_previous_layout():
     buf.seek(0)
     state = torch.load(buf, weights_only=True)  # plain tensors and Python values only
 
-    resumed = TSNEMonitor(background=False, max_prototypes=32, every_n_steps=50)
+    resumed = TSNEMonitor(background=False, max_prototypes=32, frame_every=50)
     resumed.load_state_dict(state)
     assert resumed.state_dict()["next_frame_step"] == 100
     assert resumed.state_dict()["frames_started"] == 2
@@ -159,7 +159,7 @@ def test_embeddings_from_another_space_are_refused():
 
 def test_background_frames_never_block_training_and_arrive_at_close(tmp_path):
     protos, emb, labels = _data()
-    mon = TSNEMonitor(every_n_steps=5, max_points=30)
+    mon = TSNEMonitor(frame_every=5, max_points=30)
     sink = RecordingSink()
     hub = MonitorHub([mon], sinks=[sink], log_every=5, console=None)
     ctx = RunContext(prototypes=protos, embeddings=emb, labels=labels.tolist(), exp_dir=str(tmp_path))
@@ -202,7 +202,7 @@ def test_background_frames_never_block_training_and_arrive_at_close(tmp_path):
 
 
 def test_worker_errors_come_back_as_exceptions_without_hanging():
-    from monitors.tsne import _BackgroundWorker
+    from monitors.tsne_worker import BackgroundWorker as _BackgroundWorker
 
     worker = _BackgroundWorker()
     try:
@@ -213,3 +213,11 @@ def test_worker_errors_come_back_as_exceptions_without_hanging():
             worker.submit({"f": lambda: 0})
     finally:
         worker.shutdown()
+
+
+def test_every_n_steps_is_the_hub_cadence_and_the_old_meaning_is_refused():
+    mon = TSNEMonitor(every_n_steps=2, frame_every=50, background=False)
+    assert mon.every_n_steps == 2 and mon.frame_every == 50
+    assert TSNEMonitor(background=False).every_n_steps == 1  # copies every step by default
+    with pytest.raises(ValueError, match="frame_every=50 for frames every 50 steps"):
+        TSNEMonitor(every_n_steps=50)  # the frame cadence before: loud, not silently different

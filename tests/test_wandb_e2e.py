@@ -11,7 +11,7 @@ def test_monitors_reach_wandb(micro):
     overrides = [o for o in micro if not o.startswith(("monitors=", "epochs="))] + [
         "epochs=10", "max_steps=12", "ckpt_every=6",
         "monitors={norms: {hist_every: 4}, gradients: {}, deltas: {}, usage: {}, similarity: {every_n_steps: 2},"
-        " tsne: {every_n_steps: 4}, evolution: {every_n_steps: 2, image_every: 4, min_render_seconds: 0}, health: {}}",
+        " tsne: {frame_every: 4}, evolution: {every_n_steps: 2, image_every: 4, min_render_seconds: 0}, health: {}}",
     ]
     cfg = load_config(ROOT / "experiments/bugs/proto_not_in_optimizer.yaml", overrides)
     res = train(cfg)
