@@ -1,11 +1,9 @@
 """Sinks write what the hub hands them. :class:`WandbSink` is the only code that talks to W&B;
-:class:`LocalSink` keeps plain local records (JSON lines, PNGs) that the dashboard reads."""
+:class:`LocalSink` (defined in :mod:`monitors.records`, the owner of the local records format,
+and re-exported here) keeps plain local records (JSON lines, PNGs) that the dashboard reads."""
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -14,16 +12,14 @@ import numpy as np
 
 from .finding import Finding
 from .media import Histogram, Image, Table
+from .records import STEP_KEY, LocalSink
 
-STEP_KEY = "trainer/step"
+__all__ = ["WandbSink", "LocalSink", "check_online_credentials", "SHARED_RUN_GLOBS", "STEP_KEY"]
+
 #: the namespaces put on STEP_KEY in a run the hub does not own (a run passed in, a Lightning
 #: WandbLogger's): the user's own metrics keep the axis they have (Lightning: "*" on
 #: trainer/global_step)
 SHARED_RUN_GLOBS: tuple[str, ...] = ("proto/*", "health/*", "perf/*", "grad/*")
-
-
-def _safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
 class WandbSink:
@@ -59,6 +55,7 @@ class WandbSink:
 
     @property
     def run(self) -> Any:
+        """The W&B run, opened on first use, with the step axis defined."""
         if self._run is None:
             import wandb
 
@@ -110,6 +107,7 @@ class WandbSink:
         self.run.watch(model, log=log, log_freq=log_freq)
 
     def log_rows(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        """Log each ``(step, row)`` as one ``run.log`` call, media turned into W&B objects."""
         import wandb
 
         for step, row in rows:
@@ -129,6 +127,7 @@ class WandbSink:
             self.run.log(out)
 
     def set_summary(self, values: Mapping[str, Any]) -> None:
+        """Write ``values`` into the run summary."""
         for k, v in values.items():
             self.run.summary[k] = v
 
@@ -148,18 +147,9 @@ class WandbSink:
         run.summary[f"health/finding/{finding.code}"] = f"{finding.severity}: {finding.message}"
 
     def close(self) -> None:
+        """Finish the run if this sink opened it."""
         if self._run is not None and self._owns_run:
             self._run.finish()
-
-
-def _end_line(path: Path) -> None:
-    """Append a newline to ``path`` if its last line is unfinished."""
-    try:
-        with open(path, "rb+") as f:
-            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-                f.write(b"\n")
-    except FileNotFoundError:
-        pass
 
 
 def check_online_credentials() -> None:
@@ -177,68 +167,3 @@ def check_online_credentials() -> None:
     if auth is None:
         raise ValueError(f"wandb_mode=online but no W&B API key is configured for {host}: run `wandb login` "
                          "or set WANDB_API_KEY, or use wandb_mode=offline (wandb sync the run later)")
-
-
-class LocalSink:
-    """Plain records under ``directory``: ``metrics.jsonl`` (one line per step, scalars),
-    ``media/`` (PNG images, histogram and table JSON), ``media.jsonl`` (an index of media),
-    ``findings.jsonl`` and ``summary.json``. Reading them needs no W&B."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.dir = Path(directory)
-        (self.dir / "media").mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "media.jsonl", "findings.jsonl"):
-            _end_line(self.dir / name)  # a run killed mid-line: the next row starts a line of its own
-        self._summary: dict[str, Any] = {}
-        p = self.dir / "summary.json"
-        if p.exists():
-            try:
-                self._summary = json.loads(p.read_text())
-            except ValueError:
-                self._summary = {}
-
-    def log_rows(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
-        with open(self.dir / "metrics.jsonl", "a") as fm, open(self.dir / "media.jsonl", "a") as fx:
-            for step, row in rows:
-                scalars: dict[str, Any] = {STEP_KEY: step}
-                for k, v in row.items():
-                    if isinstance(v, (int, float)):
-                        scalars[k] = v if math.isfinite(v) else str(v)
-                    elif isinstance(v, (Histogram, Image, Table)):
-                        path = self._write_media(k, step, v)
-                        fx.write(json.dumps({STEP_KEY: step, "key": k, "type": type(v).__name__.lower(),
-                                             "path": path}) + "\n")
-                fm.write(json.dumps(scalars) + "\n")
-
-    def _write_media(self, key: str, step: int, v: Any) -> str:
-        stem = f"{_safe_name(key)}_{step:07d}"
-        if isinstance(v, Image):
-            import matplotlib.image as mpimg
-
-            rel = f"media/{stem}.png"
-            mpimg.imsave(self.dir / rel, v.array())
-        elif isinstance(v, Histogram):
-            rel = f"media/{stem}.hist.json"
-            vals = v.numpy()
-            vals = vals[np.isfinite(vals)]
-            counts, edges = np.histogram(vals, bins=v.num_bins) if vals.size else ([], [])
-            (self.dir / rel).write_text(json.dumps({"counts": list(map(int, counts)),
-                                                    "edges": list(map(float, edges))}))
-        else:
-            rel = f"media/{stem}.table.json"
-            (self.dir / rel).write_text(json.dumps({"columns": list(v.columns),
-                                                    "rows": [list(r) for r in v.rows]}, default=float))
-        return rel
-
-    def set_summary(self, values: Mapping[str, Any]) -> None:
-        self._summary.update(values)
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self._summary, indent=1, default=str))
-        os.replace(tmp, self.dir / "summary.json")
-
-    def alert(self, finding: Finding) -> None:
-        with open(self.dir / "findings.jsonl", "a") as f:
-            f.write(json.dumps(finding.to_dict()) + "\n")
-
-    def close(self) -> None:
-        pass

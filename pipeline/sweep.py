@@ -351,7 +351,7 @@ def _log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
 
 def _metric_of(trial_dir: Path, metric: str) -> Optional[float]:
     """The sweep metric of a finished trial: its run summary, else the last logged value."""
-    from monitors.dashboard import _to_float, final_values, read_metrics
+    from monitors.records import final_values, read_metrics, to_float as _to_float
 
     v = _to_float(read_json(trial_dir / "records" / "summary.json").get(metric))
     if v is None:
