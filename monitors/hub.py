@@ -12,11 +12,10 @@ import torch
 
 from .base import Monitor, check_hook_names
 from .events import COLLECTIVE_EVENTS, EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
+from .codes import MONITOR_FAILED, SINK_FAILED
 from .finding import Finding
-from .health import SINK_FAILED  # defined once, beside its row of the codes table
 from .media import Histogram, VectorStat, reduce_rows
-
-MONITOR_FAILED = "MONITOR_FAILED"
+from .options import positive_int
 
 
 def _print_console(line: str) -> None:
@@ -44,11 +43,9 @@ class MonitorHub:
         stop_on_error: bool = False,
         console: Optional[Callable[[str], None]] = _print_console,
     ) -> None:
-        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-            raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
         self.monitors: list[Monitor] = []
         self.sinks: list[Any] = list(sinks)
-        self.log_every = log_every
+        self.log_every = positive_int("MonitorHub", "log_every", log_every)
         self.stop_on_error = stop_on_error
         self.console = console
         self.findings: list[Finding] = []
@@ -83,6 +80,7 @@ class MonitorHub:
         return monitor
 
     def get(self, name: str) -> Optional[Monitor]:
+        """The registered monitor called ``name`` (None if there is none)."""
         return next((m for m in self.monitors if m.name == name), None)
 
     # -- events -----------------------------------------------------------------------------
@@ -262,6 +260,7 @@ class MonitorHub:
         }
 
     def codes(self, severity: Optional[str] = None) -> set[str]:
+        """The codes found so far (of one severity, if given)."""
         return {f.code for f in self.findings if severity is None or f.severity == severity}
 
     # -- state ------------------------------------------------------------------------------

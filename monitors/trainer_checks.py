@@ -1,7 +1,7 @@
 """Checks of the bugs that real self-supervised trainers ship around the prototypes and the teacher.
 
 The :class:`TrainerChecks` monitor (name ``checks``, in the default set) reports four codes of
-:data:`monitors.health.CODES`:
+:data:`monitors.codes.CODES`:
 
 ==============================  ==============================================================
 ``PROTO_GRAD_NOT_AVERAGED``     under ``torch.distributed``, every ``grad_avg_every`` steps: the
@@ -29,10 +29,12 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .base import Metrics, Monitor, positive_int
+from .base import Metrics, Monitor
+from .codes import PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED, TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT
+from .distributed import world_size
 from .events import RunContext
-
-from .health import PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED, TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT
+from .optimizer_lookup import unwrap
+from .options import positive_int
 
 #: optimizers whose update does not change when the gradient is multiplied by a constant (up to
 #: eps): a summed gradient is then harmless, so PROTO_GRAD_NOT_AVERAGED stays info. Matched on the
@@ -41,24 +43,10 @@ SCALE_INVARIANT = ("adam", "adamw", "nadam", "radam", "adamax", "sparseadam", "r
                    "adadelta", "rprop", "adafactor", "lamb", "lars", "larc", "lion", "sign")
 
 
-def _world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _inner_optimizer(opt: Any) -> Any:
-    for attr in ("optimizer", "_optimizer", "optim"):
-        inner = getattr(opt, attr, None)
-        if inner is not None and hasattr(inner, "param_groups"):
-            return inner
-    return opt
-
-
 def scale_invariant(optimizer: Any) -> bool:
     """Whether the optimizer's update ignores a constant scale of the gradient (see
     :data:`SCALE_INVARIANT`). SGD, with or without momentum, is not: its step is lr x gradient."""
-    names = {type(optimizer).__name__.lower(), type(_inner_optimizer(optimizer)).__name__.lower()}
+    names = {type(optimizer).__name__.lower(), type(unwrap(optimizer)).__name__.lower()}
     return any(n in SCALE_INVARIANT or n.startswith(("adam", "nadam", "radam")) for n in names)
 
 
@@ -145,7 +133,7 @@ class TrainerChecks(Monitor):
         self._check_teacher_storage(ctx)
         self._teacher_refs(ctx)
         P = ctx.prototypes
-        if _world() > 1 and self._hook is None and P.is_leaf and P.requires_grad:
+        if world_size() > 1 and self._hook is None and P.is_leaf and P.requires_grad:
             # the post-accumulate hook sees the rank's own gradient, before the loop all-reduces it
             self._hook = P.register_post_accumulate_grad_hook(self._on_local_grad)
         return None
@@ -201,7 +189,7 @@ class TrainerChecks(Monitor):
         all-reduce of the local gradients (plus a count and the norm of the step's gradient, to
         tell a reduced gradient from an unreduced one), then the step's own gradient is compared
         with their mean, on the device."""
-        world = _world()
+        world = world_size()
         if world <= 1:
             return None
         if not self._started:  # train start: no gradient yet
@@ -305,7 +293,7 @@ class TrainerChecks(Monitor):
         return None
 
     def _judge_grad_avg(self, ctx: RunContext, ratios: list[float]) -> None:
-        world = _world()
+        world = world_size()
         if not ratios or world <= 1:
             return
         r = sorted(ratios)[len(ratios) // 2]
@@ -313,7 +301,7 @@ class TrainerChecks(Monitor):
             return
         opt = ctx.optimizer
         invariant = opt is not None and scale_invariant(opt)
-        name = type(_inner_optimizer(opt)).__name__ if opt is not None else "the optimizer"
+        name = type(unwrap(opt)).__name__ if opt is not None else "the optimizer"
         common = (
             f"the prototypes' gradient is the sum of the {world} ranks' local gradients, not their mean "
             f"(it is {r:.3g}x their mean, by step {ctx.step}; checked every {self.grad_avg_every} steps), "
