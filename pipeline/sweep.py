@@ -74,7 +74,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import yaml
 
-from monitors.dashboard import (STATE_FILE, heatmap_axes, heatmap_grid, heatmap_metrics, read_json,
+from monitors.records import RECORDS_DIR, atomic_write_json
+from monitors.sweep_state import SweepStateWriter, trial_metric
+from monitors.dashboard import (heatmap_axes, heatmap_grid, heatmap_metrics,
                                 read_sweep_state, render_heatmap, sweep_rows)
 
 from .config import read_yaml_mapping
@@ -334,29 +336,12 @@ def build_command(command: Sequence[Any], args: Mapping[str, Any], program: Opti
     return out
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
     return "\n".join(lines[-n:])
-
-
-def _metric_of(trial_dir: Path, metric: str) -> Optional[float]:
-    """The sweep metric of a finished trial: its run summary, else the last logged value."""
-    from monitors.records import final_values, read_metrics, to_float as _to_float
-
-    v = _to_float(read_json(trial_dir / "records" / "summary.json").get(metric))
-    if v is None:
-        v = final_values(read_metrics(trial_dir / "records")).get(metric)
-    return v
 
 
 @dataclass
@@ -413,39 +398,13 @@ def _run_trial(t: _Trial, metric: str, procs: _Procs) -> dict[str, Any]:
     ended = time.time()
     rec: dict[str, Any] = {"exit_code": rc, "started": started, "ended": ended, "seconds": round(ended - started, 2)}
     if rc == 0:
-        value = _metric_of(t.dir, metric)
+        value = trial_metric(t.dir / RECORDS_DIR, metric)
         rec.update(status="finished", metric=value,
                    error="" if value is not None else f"the trial exited 0 but logged no {metric}")
     else:
         why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
         rec.update(status="failed", metric=None, error=f"{why}; end of {log_path.name}:\n{_log_tail(log_path)}")
     return rec
-
-
-# ----------------------------------------------------------------------------------------------
-# the sweep state (DIR/sweep_state.json): one writer (the sweep's main thread)
-# ----------------------------------------------------------------------------------------------
-class _State:
-    def __init__(self, out: Path, cfg: Mapping[str, Any], file: str) -> None:
-        self.path = out / STATE_FILE
-        old = read_json(self.path)
-        self.data: dict[str, Any] = {
-            "version": 1, "name": cfg["name"], "file": str(file), "method": cfg["method"],
-            "metric": cfg["metric"], "swept": swept_names(cfg), "trials": dict(old.get("trials") or {}),
-        }
-        self.lock = threading.Lock()
-
-    def trial(self, name: str) -> dict[str, Any]:
-        return self.data["trials"].get(name) or {}
-
-    def update(self, name: str, rec: Mapping[str, Any], trial_dir: Optional[Path] = None) -> None:
-        with self.lock:
-            t = {**self.data["trials"].get(name, {}), **rec, "name": name}
-            self.data["trials"][name] = t
-            self.data["updated"] = time.time()
-            _atomic_json(self.path, self.data)
-            if trial_dir is not None and trial_dir.is_dir():
-                _atomic_json(trial_dir / "status.json", t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +437,8 @@ def run_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike] = None, 
     fixed = constants(cfg)
     trial_args = {**TRIAL_DEFAULTS, **fixed}
     proposer: Any = _Grid(cfg, count) if method == "grid" else _Optuna(cfg, int(count))
-    state = _State(out_dir, cfg, str(file))
+    state = SweepStateWriter(out_dir, {"name": cfg["name"], "file": str(file), "method": cfg["method"],
+                                        "metric": cfg["metric"], "swept": swept_names(cfg)})
     command = cfg.get("command", DEFAULT_COMMAND)
     if cfg.get("early_terminate"):
         echo(f"note: early_terminate ({cfg['early_terminate'].get('type', '?')}) is used only by W&B agents (--wandb); "
@@ -778,13 +738,13 @@ def _trial_launcher(argv: Sequence[str]) -> int:
     status_path = tdir / "status.json"
     rec: dict[str, Any] = {"name": run_id, "params": params, "status": "running", "exp_dir": str(tdir.resolve()),
                            "command": cmd, "started": time.time()}
-    _atomic_json(status_path, rec)
+    atomic_write_json(status_path, rec)
     with open(tdir / "log.txt", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     rec.update(exit_code=rc, ended=time.time(), seconds=round(time.time() - rec["started"], 2),
                status="finished" if rc == 0 else "failed",
                error="" if rc == 0 else f"exit code {rc}; end of log.txt:\n{_log_tail(tdir / 'log.txt')}")
-    _atomic_json(status_path, rec)
+    atomic_write_json(status_path, rec)
     sys.stdout.write(_log_tail(tdir / "log.txt", 5) + "\n")
     return rc
 
