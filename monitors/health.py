@@ -108,7 +108,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         dup_max_rows: int = 4096,
         dup_every: int = 50,
         dup_max_pairs: int = 1 << 25,
-        dup_pairs_per_log: int = 1 << 21,
+        dup_pairs_per_log: int = 1 << 20,
         norm_min: float = 1e-4,
         norm_max: float = 1e3,
     ) -> None:

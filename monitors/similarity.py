@@ -29,7 +29,7 @@ class SimilarityMonitor(Monitor):
                "proto/similarity/nn_mean", "proto/similarity/duplicates", "proto/similarity/min_distance",
                "proto/similarity/hist")
 
-    def __init__(self, every_n_steps: int = 10, hist_every: int = 50, max_proto: int = 2048,
+    def __init__(self, every_n_steps: int = 10, hist_every: int = 50, max_proto: int = 1024,
                  dup_threshold: float = 0.99, hist_pairs: int = 4096, seed: int = 0) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
