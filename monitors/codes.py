@@ -1,8 +1,9 @@
 """The one table of every finding code: severity, what it means, the fix, and where it comes from.
 
-Every module that reports a finding imports its code from here (``PROTO_FROZEN``-style constants
-equal to their own name), so a code is typed once. :data:`CODES` maps each code to a
-:class:`Code`; the README's findings table is held to it by ``tests/test_findings.py``.
+Every module that reports a finding imports its code from here (constants such as
+``PROTO_NOT_LEAF``, equal to their own name), so a code is typed once. :data:`CODES` maps each
+code to a :class:`Code`; the README's findings table is held to it by
+``tests/test_readme_tables.py``.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Code(NamedTuple):
     source: str
 
 
-#: code -> :class:`Code` (``CODES[code][2]`` is the fix, as before)
+#: code -> :class:`Code` (a tuple: ``CODES[code][2]`` is ``CODES[code].fix``)
 CODES: dict[str, Code] = {k: Code(*v) for k, v in {
     PROTO_NOT_LEAF: (
         "error",

@@ -25,8 +25,8 @@ class DeltaMonitor(Monitor):
     ``proto/delta/norm`` (``||U||``), ``proto/delta/relative`` (``||U|| / ||P_old||``),
     ``proto/delta/per_proto_mean`` and ``/per_proto_max`` (row norms of U),
     ``proto/delta/moved`` (rows of P with a nonzero update, float) and
-    ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve: every ``drift_every``
-    steps and at the end of training, since it is the costliest of these on a small model).
+    ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve, so only every
+    ``drift_every`` steps and at the end of training: a pass over P and P_init).
     Above ``ctx.shared.full_above`` prototypes (16,384) the update statistics are those of every
     ``full_every``-th step (4; exact on those steps, :mod:`monitors.shared`).
 

@@ -43,8 +43,8 @@ def _is_even(x: np.ndarray) -> bool:
 
 
 class _Heatmap:
-    """One reusable heatmap figure. Building axes, ticks and colorbar is most of matplotlib's
-    cost, so they are made once and later renders only swap the data."""
+    """One reusable heatmap figure: axes, ticks and colorbar are made once, and later renders
+    only swap the data."""
 
     def __init__(self, cbar: str) -> None:
         self.cbar = cbar
@@ -88,8 +88,8 @@ class EvolutionMonitor(Monitor):
     interval doubles, so long runs stay bounded and evenly sampled.
 
     At ``on_log`` every ``image_every`` steps, but at most once per ``min_render_seconds`` of
-    wall time (a render costs a noticeable fraction of a second on a CPU, too much for a step
-    cadence alone when steps are fast), and at ``on_train_end`` it renders two heatmaps,
+    wall time (rendering is host work, which a step cadence alone would repeat too often when
+    steps are fast), and at ``on_train_end`` it renders two heatmaps,
     ``proto/evolution/norm`` and ``proto/evolution/update`` (log10): rows are prototypes sorted by
     their latest norm (at most ``max_rows``, evenly sampled), columns are steps. For
     K > ``max_tracked`` a fixed evenly spaced subset of prototypes is tracked.

@@ -80,8 +80,8 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
             K=65,536 with the default 2^25).
         dup_pairs_per_log: similarities computed per log interval; a larger check is spread over
             consecutive intervals and judged when its last rows are compared (a whole check in
-            one interval up to K=1,448 with the default 2^21; 16 intervals at K=65,536), so no
-            interval stalls its step by more than ~1 GFLOP at D=256.
+            one interval up to K=1,448 with the default 2^21; 16 intervals at K=65,536), so an
+            interval computes at most ``dup_pairs_per_log`` similarities (dot products of length D).
         norm_min, norm_max: the allowed range of prototype norms.
     """
 
@@ -173,7 +173,6 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self._update_step = -1                # step whose update norm was observed
         self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
-        self.checkpoint_findings: Optional[tuple[int, list]] = None  # (id of the checkpoint, its findings)
 
     # -- small helpers ----------------------------------------------------------------------
     def _say(self, ctx: RunContext, code: str, severity: str, message: str) -> None:
@@ -337,10 +336,9 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
 
     def _check_checkpoint(self, ctx: RunContext, loaded: bool) -> None:
         """The checkpoint check (:func:`monitors.checkpoint_check.check_checkpoint`, the optimizer
-        state included); its answer stays in :attr:`checkpoint_findings` for ``hub.check_checkpoint``."""
+        state included), reported through the doctor."""
         found = check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=loaded,
                                  name=ctx.extra.get("prototypes_name"), optimizer=ctx.optimizer)
-        self.checkpoint_findings = (id(ctx.checkpoint), found)
         for f in found:
             self._say(ctx, f.code, f.severity, f.message)
 

@@ -35,6 +35,13 @@ class MonitorHub:
         console: where findings and monitor failures are printed (None: silent).
     """
 
+    #: the history keys the hub itself logs, besides the monitors' (``<severity>`` and ``<CODE>``
+    #: are filled from each finding); the README's hub table is checked against these
+    #: (tests/test_readme_tables.py)
+    metrics: tuple[str, ...] = ("perf/monitor_ms", "health/<severity>/<CODE>")
+    #: the run-summary keys of :meth:`health_summary`
+    summary_keys: tuple[str, ...] = ("health/errors", "health/warnings", "health/codes")
+
     def __init__(
         self,
         monitors: Sequence[Monitor] = (),
@@ -236,7 +243,8 @@ class MonitorHub:
             return
         self._seen.add(key)
         self.findings.append(f)
-        self.log({f"health/{f.severity}/{f.code}": 1.0}, step=f.step)
+        metric = "health/<severity>/<CODE>".replace("<severity>", f.severity).replace("<CODE>", f.code)
+        self.log({metric: 1.0}, step=f.step)
         if self._writes():
             if self.console is not None:
                 self.console(str(f))

@@ -60,9 +60,9 @@ class TSNEMonitor(Monitor):
     Args:
         every_n_steps: the hub cadence of ``on_step_end`` (the ring-buffer copies), as for every
             monitor (default 1: every step; a ring buffer filled only at frame steps would hold
-            one batch, or batches of an older model). Before, this option was the frame cadence:
-            so that an old config cannot silently mean something else, giving it without
-            ``frame_every`` is an error.
+            one batch, or batches of an older model). Given without ``frame_every`` it is an
+            error, so that a config that means the frame cadence by it is not silently read as
+            the hub cadence.
         frame_every: steps between two training-time frames (default ``FRAME_EVERY`` = 200).
         max_points: embeddings per frame (and size of the ring buffer).
         max_prototypes: prototypes per frame: all if K is smaller, else a fixed random subset,
@@ -72,10 +72,9 @@ class TSNEMonitor(Monitor):
         background: compute in a background process; False computes inline (tests, debugging).
         seed: seed of the prototype subset, of the t-SNE and of the initial jitter.
         close_timeout_s: how long :meth:`close` waits for the frame in flight.
-        worker_nice: niceness of the worker process. 19 (the default) leaves training nearly all
-            of busy cores, so a frame may take a minute there and later ones are skipped
-            meanwhile; 10 gives the frames more CPU, at a few per cent of a CPU-bound training's
-            speed.
+        worker_nice: niceness of the worker process (0-19). 19 (the default) gives training
+            the priority: on busy cores frames come slowly and those due meanwhile are skipped;
+            a lower value gives the frames more CPU and training less.
     """
 
     name = "tsne"
@@ -125,7 +124,7 @@ class TSNEMonitor(Monitor):
 
     @property
     def frame_every_n_steps(self) -> int:
-        """The frame cadence, :attr:`frame_every` (this attribute's earlier name)."""
+        """The frame cadence: the same as :attr:`frame_every`."""
         return self.frame_every
 
     # -- hooks ------------------------------------------------------------------------------

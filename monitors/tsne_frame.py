@@ -60,8 +60,8 @@ def _initial_layout(P: np.ndarray, E: np.ndarray, labels: Sequence[str], prev: O
 
 
 def _single_thread() -> Any:
-    """Limit BLAS/OpenMP to one thread for the t-SNE. On a busy machine sklearn's OpenMP
-    Barnes-Hut with 2 threads took 9 s where one thread took 1.5 s (656 points)."""
+    """Limit BLAS/OpenMP to one thread for the t-SNE: the worker takes one core beside training,
+    and more threads would compete with the training threads for the others."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # sklearn depends on threadpoolctl; this is only a fallback

@@ -90,7 +90,7 @@ class UsageMonitor(Monitor):
             out["proto/usage/perplexity_teacher"] = h.exp()
             last_used, hit = self._buffers(K, t.device, step)
             hit.zero_()
-            # argmax per row (max().indices: faster than argmax on CPU); no sync
+            # argmax per row, as torch.max(...).indices; no sync
             hit.index_fill_(0, torch.max(t, dim=1).indices, True)
             last_used.masked_fill_(hit, step)
             dead = ((step - last_used) >= self.window).sum().to(torch.float32)
