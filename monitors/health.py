@@ -80,7 +80,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
             K=65,536 with the default 2^25).
         dup_pairs_per_log: similarities computed per log interval; a larger check is spread over
             consecutive intervals and judged when its last rows are compared (a whole check in
-            one interval up to K=1,448 with the default 2^21; 16 intervals at K=65,536), so an
+            one interval up to K=1,024 with the default 2^20; 32 intervals at K=65,536), so an
             interval computes at most ``dup_pairs_per_log`` similarities (dot products of length D).
         norm_min, norm_max: the allowed range of prototype norms.
     """
