@@ -258,7 +258,8 @@ class MonitorHub:
         self._add_finding(finding)
 
     def health_summary(self) -> dict[str, Any]:
-        """``health/errors``, ``health/warnings`` and ``health/codes``: the counts by severity and the sorted codes raised at warning or error."""
+        """``health/errors``, ``health/warnings`` and ``health/codes``: the counts by severity and
+        the sorted codes raised at warning or error."""
         errors = {f.code for f in self.findings if f.severity == "error"}
         warnings = {f.code for f in self.findings if f.severity == "warning"}
         return {
