@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from monitors import Monitor  # noqa: E402
+from monitors.records import METRICS_FILE, RECORDS_DIR, STEP_KEY  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir, read_train_list  # noqa: E402
 from pipeline.loader import TrainFeed  # noqa: E402
@@ -151,8 +152,8 @@ def part3(tmp: Path, steps: int) -> None:
                                    "ckpt_every=100000"])
         t0 = time.perf_counter()
         res = train(cfg)
-        rows = [json.loads(l) for l in (tmp / f"wait{w}" / "records/metrics.jsonl").read_text().splitlines()]
-        step_ms = statistics.median(r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r["trainer/step"] > 2)
+        rows = [json.loads(l) for l in (tmp / f"wait{w}" / RECORDS_DIR / METRICS_FILE).read_text().splitlines()]
+        step_ms = statistics.median(r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r[STEP_KEY] > 2)
         print(f"  num_workers={w}: median step {step_ms:.0f} ms ({1000 / step_ms:.2f} steps/s), data wait "
               f"{100 * res['data/wait_share']:.1f} % of the loop ({time.perf_counter() - t0:.0f} s run)", flush=True)
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_args import positive  # noqa: E402
 
+from monitors.records import METRICS_FILE, RECORDS_DIR, STEP_KEY  # noqa: E402
 from monitors.registry import DEFAULT  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import train  # noqa: E402
@@ -51,8 +52,8 @@ VARIANTS = {
 
 
 def step_times(exp_dir: Path, skip: int) -> list[float]:
-    rows = [json.loads(l) for l in (exp_dir / "records/metrics.jsonl").read_text().splitlines()]
-    return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r["trainer/step"] > skip]
+    rows = [json.loads(l) for l in (exp_dir / RECORDS_DIR / METRICS_FILE).read_text().splitlines()]
+    return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r[STEP_KEY] > skip]
 
 
 def size_overrides(num_proto: Optional[int], dim: Optional[int]) -> list[str]:

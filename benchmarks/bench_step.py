@@ -40,7 +40,8 @@ from pipeline.loader import TrainFeed  # noqa: E402
 from pipeline.loss import SDPNLoss  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.schedules import cosine_schedule  # noqa: E402
-from pipeline.train import build_optimizer, make_prototypes, resolve_device, train  # noqa: E402
+from pipeline.build import build_optimizer, make_prototypes, resolve_device  # noqa: E402
+from pipeline.train import train  # noqa: E402
 
 
 class _StepClock(Monitor):

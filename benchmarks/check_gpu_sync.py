@@ -153,7 +153,7 @@ def main() -> int:
         finally:
             strict.set("error")
 
-    def rng_state():  # the first thing of save_checkpoint to touch the device: the loop has ended
+    def rng_state():  # the first thing a checkpoint touches on the device: the loop has ended
         strict.loop = False
         strict.set("default")
         return original_rng_state()

@@ -8,7 +8,7 @@ from .config import load_config
 from .data import Fbank
 from .evaluate import evaluate_dir
 from .models import build_model
-from .train import resolve_data, resolve_device
+from .build import resolve_data, resolve_device
 
 
 def evaluate_checkpoint(path: str, data: Optional[str] = None, device: str = "auto") -> dict[str, Any]:

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from monitors.distributed import world_size
+
 __all__ = [
     "sinkhorn_knopp",
     "sharpen",
@@ -31,16 +33,9 @@ __all__ = [
 # --------------------------------------------------------------------------- distributed
 
 
-def _dist_world() -> int:
-    """World size when torch.distributed is initialised with >1 rank, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def all_reduce_sum(x: Tensor) -> Tensor:
     """In-place sum over ranks; does nothing when not distributed. Not differentiable."""
-    if _dist_world() > 1:
+    if world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
@@ -54,7 +49,7 @@ class AllReduceMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        world = _dist_world()
+        world = world_size()
         if world > 1:
             x = x.contiguous().clone()
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -68,7 +63,7 @@ class AllReduceMean(torch.autograd.Function):
 
 def all_reduce_mean(x: Tensor) -> Tensor:
     """Differentiable mean over ranks (identity backward); x itself when not distributed."""
-    return AllReduceMean.apply(x) if _dist_world() > 1 else x
+    return AllReduceMean.apply(x) if world_size() > 1 else x
 
 
 # --------------------------------------------------------------------------- pieces
@@ -88,7 +83,7 @@ def sinkhorn_knopp(scores: Tensor, n_iters: int = 3) -> Tensor:
         raise ValueError(f"sinkhorn n_iters={n_iters} must be >= 0; use 3 as in SDPN")
     Q = scores.float().T.clone()  # (K, B)
     K, B_local = Q.shape
-    B = B_local * _dist_world()
+    B = B_local * world_size()
     if n_iters == 0:
         return (Q / Q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(Q.dtype).tiny)).T
 

@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 from conftest import ROOT, wandb_records
+from monitors.sweep_state import sweep_rows as summarize_sweep
 from pipeline.cli import main as cli_main
 from pipeline.sweep import (build_command, grid_points, heatmap_grid, load_sweep, registered_config,
-                            run_sweep, summarize_sweep, trial_name)
+                            run_sweep, trial_name)
 
 FAKE_TRIAL = textwrap.dedent('''
     """A stand-in for `python -m pipeline train`: key=value arguments in, records out."""
