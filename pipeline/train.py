@@ -1,5 +1,5 @@
 """The reference SDPN training loop. It tells the story in order and emits the monitor events
-of DESIGN.md; it does not know which monitors exist.
+of ``monitors.events.EVENTS``; it does not know which monitors exist.
 
 The pieces it calls: :mod:`pipeline.build` (device, data, networks, optimizer, schedules, the
 monitor hub), :mod:`pipeline.step` (the parts of one optimizer step), :mod:`pipeline.run_state`
