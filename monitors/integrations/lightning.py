@@ -43,9 +43,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "monitors.integrations.lightning needs Lightning 2.x: pip install lightning"
     ) from exc
 
-from ..attach import AttachedHub, OPTIONS, build_hub, split_options
+from ..attached_hub import AttachedHub
+from ..attaching import OPTIONS, build_hub, split_options
 from ..events import StepOutputs
 from ..registry import MonitorSpec
+from ..resolve import resolve_prototypes
 
 _FIELDS = set(StepOutputs.__dataclass_fields__)
 #: rows of validation projections kept for one on_embeddings (the t-SNE subsamples further)
@@ -107,8 +109,6 @@ class PrototypeMonitorCallback(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.hub is not None:
             return
-        from ..attach import resolve_prototypes
-
         tensor, _ = resolve_prototypes(self.prototypes, pl_module)
         optimizers = list(trainer.optimizers)
         optimizer = next((o for o in optimizers if any(p is tensor for g in o.param_groups for p in g["params"])),
