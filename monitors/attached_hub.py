@@ -31,8 +31,8 @@ class AttachedHub(MonitorHub):
 
     Adds to the hub: :meth:`detach`, :meth:`log_embeddings`, :meth:`capture`,
     :meth:`log_outputs`, :meth:`check_checkpoint`, and ``step`` in :meth:`state_dict`.
-    Integrations without PyTorch hooks (the Lightning callback) call :meth:`notify_backward`,
-    :meth:`notify_before_step` and :meth:`notify_after_step` themselves.
+    Integrations without PyTorch hooks (the Lightning callback) call :meth:`backward_done`,
+    :meth:`optimizer_step_starting` and :meth:`optimizer_step_done` themselves.
     """
 
     def __init__(self, ctx: RunContext, monitors: Sequence[Any] = (), sinks: Sequence[Any] = (), *,
@@ -90,9 +90,9 @@ class AttachedHub(MonitorHub):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
             if ctx.optimizer is not None:
                 self._handles.append(ctx.optimizer.register_step_pre_hook(
-                    lambda opt, args, kwargs: self.notify_before_step()))
+                    lambda opt, args, kwargs: self.optimizer_step_starting()))
                 self._handles.append(ctx.optimizer.register_step_post_hook(
-                    lambda opt, args, kwargs: self.notify_after_step()))
+                    lambda opt, args, kwargs: self.optimizer_step_done()))
         if self._capture is not None:
             self._handles.append(self._capture[0].register_forward_hook(self._on_forward))
         elif self._discovery is not None and not self._discovery.done:
@@ -102,9 +102,9 @@ class AttachedHub(MonitorHub):
         # runs inside backward: the other gradients are not accumulated yet, so wait for the end
         queue = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "queue_callback", None)
         if queue is not None:
-            queue(self.notify_backward)
+            queue(self.backward_done)
         else:  # pragma: no cover - older engines
-            self.notify_backward()
+            self.backward_done()
 
     def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         key = self._capture[2] if self._capture is not None else None
@@ -131,14 +131,14 @@ class AttachedHub(MonitorHub):
             self._started = True
             self.emit("on_train_start", self.ctx)
 
-    def notify_backward(self) -> None:
+    def backward_done(self) -> None:
         """A backward pass finished: emit ``on_after_backward`` at the accumulation boundary."""
         self._n_backward += 1
         if not self._backward_emitted and self._n_backward >= self.accumulate_grad_batches:
             self._backward_emitted = True
             self.emit("on_after_backward", self.ctx)
 
-    def notify_before_step(self) -> None:
+    def optimizer_step_starting(self) -> None:
         """Right before ``optimizer.step()``: parameters still old, gradients final."""
         if not self._backward_emitted:
             self._backward_emitted = True
@@ -148,7 +148,7 @@ class AttachedHub(MonitorHub):
         self._assign = self._derive_assignments()
         self.emit("on_before_optimizer_step", self.ctx)
 
-    def notify_after_step(self, outputs: Optional[Mapping[str, Any]] = None) -> None:
+    def optimizer_step_done(self, outputs: Optional[Mapping[str, Any]] = None) -> None:
         """Right after ``optimizer.step()``: emit ``on_after_optimizer_step`` and ``on_step_end``
         with the step outputs (``outputs`` as a dict of StepOutputs fields, plus what was captured
         and given to :meth:`log_outputs`), then advance ``ctx.step``."""
@@ -293,7 +293,7 @@ class AttachedHub(MonitorHub):
             raise TypeError(f"check_checkpoint expects a dict or a path, got {type(checkpoint).__name__}")
         ctx = self.ctx
         n_before = len(self.findings)
-        if not self._closed:  # after close() the answer is still given, nothing is written
+        if not self.closed:  # after close() the answer is still given, nothing is written
             ctx.checkpoint = checkpoint  # type: ignore[assignment]
             try:
                 self.emit("on_load_checkpoint" if resumed else "on_save_checkpoint", ctx)
@@ -311,7 +311,7 @@ class AttachedHub(MonitorHub):
                                 "optimizer state is not: a resumed run restarts their momentum / Adam moments. "
                                 "Save the optimizer too: checkpoint['optimizer'] = optimizer.state_dict()."))
         for f in mine:
-            if not self._closed:
+            if not self.closed:
                 self.report(f)
             if all(g.code != f.code for g in found):
                 found.append(f)
@@ -341,14 +341,14 @@ class AttachedHub(MonitorHub):
 
     def reattach(self) -> None:
         """Install the hooks again after :meth:`detach` (e.g. to watch only part of a run)."""
-        if self._closed:
+        if self.closed:
             raise RuntimeError("this hub is closed: call attach() again for a new one")
         if not self._handles:
             self._install_hooks()
 
     def close(self) -> None:
         """Detach, emit ``on_train_end``, flush, finish background work, close the sinks."""
-        if self._closed:
+        if self.closed:
             return
         self.detach()
         self.emit("on_train_end", self.ctx)
