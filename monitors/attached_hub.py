@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .capture import INPUT, Discovery, soft_assignments, stack_outputs
+from .checkpoint_check import check_checkpoint
 from .events import RunContext, StepOutputs
 from .finding import Finding
 from .hub import MonitorHub, _print_console
@@ -19,9 +20,6 @@ from .shared import assignment_rows
 __all__ = ["AttachedHub"]
 
 _STEP_FIELDS = set(StepOutputs.__dataclass_fields__)
-#: warning raised by :meth:`AttachedHub.check_checkpoint` when the prototypes are in a checkpoint
-#: but their optimizer state (momentum buffers, Adam moments) is not
-PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT = "PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT"
 #: captured training-mode outputs kept per step
 _MAX_CHUNKS = 64
 
@@ -285,13 +283,16 @@ class AttachedHub(MonitorHub):
         prototype tensor there that differs from the live one is reported as "not restored"
         (warning) rather than missing. Returns the findings about this checkpoint (also when
         already reported earlier)."""
-        from .health import check_checkpoint, find_prototypes_in_checkpoint, prototype_optimizer_state_in_checkpoint
+        from .health import HealthDoctor
 
         if isinstance(checkpoint, (str, os.PathLike)):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if not isinstance(checkpoint, Mapping):
             raise TypeError(f"check_checkpoint expects a dict or a path, got {type(checkpoint).__name__}")
         ctx = self.ctx
+        doctors = [m for m in self.monitors if isinstance(m, HealthDoctor)]
+        for d in doctors:
+            d.checkpoint_findings = None
         n_before = len(self.findings)
         if not self.closed:  # after close() the answer is still given, nothing is written
             ctx.checkpoint = checkpoint  # type: ignore[assignment]
@@ -300,19 +301,16 @@ class AttachedHub(MonitorHub):
             finally:
                 ctx.checkpoint = None
         found = list(self.findings[n_before:])
-        # the doctor's own check again: its finding is reported once per run, the answer is per call
-        mine: list[Finding] = list(check_checkpoint(checkpoint, ctx.prototypes, step=ctx.step, loaded=resumed,
-                                                    name=ctx.extra.get("prototypes_name")))
-        keys = [] if mine else find_prototypes_in_checkpoint(checkpoint, ctx.prototypes)
-        if keys and ctx.optimizer is not None and _in_optimizer(ctx.prototypes, ctx.optimizer) \
-                and not prototype_optimizer_state_in_checkpoint(checkpoint, ctx.prototypes, ctx.optimizer):
-            mine.append(Finding(PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT, "warning", ctx.step,
-                                f"the prototypes are in the checkpoint (at {', '.join(keys[:3])}) but their "
-                                "optimizer state is not: a resumed run restarts their momentum / Adam moments. "
-                                "Save the optimizer too: checkpoint['optimizer'] = optimizer.state_dict()."))
-        for f in mine:
+        # the doctor's answer to this checkpoint: it reports a code once per run, the answer is per call
+        answer = next((d.checkpoint_findings[1] for d in doctors
+                       if d.checkpoint_findings is not None and d.checkpoint_findings[0] == id(checkpoint)), None)
+        if answer is None:  # no doctor ran: none is watching, it was switched off, or the hub is closed
+            answer = check_checkpoint(checkpoint, ctx.prototypes, step=ctx.step, loaded=resumed,
+                                      name=ctx.extra.get("prototypes_name"), optimizer=ctx.optimizer)
             if not self.closed:
-                self.report(f)
+                for f in answer:
+                    self.report(f)
+        for f in answer:
             if all(g.code != f.code for g in found):
                 found.append(f)
         return found
@@ -393,7 +391,3 @@ def _detach(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {k: _detach(x) for k, x in v.items()}
     return v
-
-
-def _in_optimizer(p: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-    return any(q is p for g in optimizer.param_groups for q in g["params"])
