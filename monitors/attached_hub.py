@@ -10,15 +10,18 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .cadence import Every
 from .capture import INPUT, Discovery, soft_assignments, stack_outputs
 from .checkpoint_check import check_checkpoint
 from .events import RunContext, StepOutputs
 from .finding import Finding
 from .hub import MonitorHub, _print_console
+from .options import number_in, optional_positive_int, positive_int
 from .shared import assignment_rows
 
 __all__ = ["AttachedHub"]
 
+_OWNER = "attach()"
 _STEP_FIELDS = set(StepOutputs.__dataclass_fields__)
 #: captured training-mode outputs kept per step
 _MAX_CHUNKS = 64
@@ -41,18 +44,16 @@ class AttachedHub(MonitorHub):
                  install_hooks: bool = True, auto_capture: bool = False,
                  capture_every: Optional[int] = None) -> None:
         super().__init__(monitors, sinks, log_every=log_every, stop_on_error=stop_on_error, console=console)
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
-        if not assign_temperature > 0:
-            raise ValueError(f"assign_temperature must be > 0, got {assign_temperature!r}")
+        self.accumulate_grad_batches = positive_int(_OWNER, "accumulate_grad_batches", accumulate_grad_batches)
+        self.assign_temperature = number_in(_OWNER, "assign_temperature", assign_temperature, 0.0)
+        if self.assign_temperature == 0.0:
+            raise ValueError(f"{_OWNER}: assign_temperature must be > 0, got {assign_temperature!r}")
+        capture_every = optional_positive_int(_OWNER, "capture_every", capture_every)
         if capture_every is None:
             capture_every = 5 if auto_capture and capture is None else 1
-        if isinstance(capture_every, bool) or not isinstance(capture_every, int) or capture_every < 1:
-            raise ValueError(f"capture_every must be an integer >= 1, got {capture_every!r}")
         self.capture_every = capture_every
+        self._capture_cadence = Every(capture_every, _OWNER, "capture_every")
         self.ctx = ctx
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.assign_temperature = float(assign_temperature)
         self._capture = capture
         self._handles: list[Any] = []
         self._n_backward = 0              # backward passes since the last optimizer step
@@ -71,12 +72,16 @@ class AttachedHub(MonitorHub):
         if self.console is not None and self.ctx.is_main_process:
             self.console(line)
 
+    def _capture_due(self) -> bool:
+        """Whether the training-mode outputs of the current step are captured (``capture_every``)."""
+        return self._capture_cadence.due(self.ctx.step)
+
     def _set_capture(self, module: nn.Module, name: str, key: Any, chunks: list[torch.Tensor]) -> None:
         """Capture ``module``'s output (or input: ``key == INPUT``) from now on; ``chunks`` are its
         outputs already seen in this step."""
         self._capture = (module, name if key is None else f"{name}:{key}", key)
         self._handles.append(module.register_forward_hook(self._on_forward))
-        if self._eval_chunks is None:
+        if self._eval_chunks is None and self._capture_due():
             self._step_chunks.extend(chunks[:_MAX_CHUNKS])
 
     # -- hooks ------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ class AttachedHub(MonitorHub):
         out = out.detach()
         if self._eval_chunks is not None:
             self._eval_chunks.append(out)
-        elif module.training and len(self._step_chunks) < _MAX_CHUNKS and self.ctx.step % self.capture_every == 0:
+        elif module.training and len(self._step_chunks) < _MAX_CHUNKS and self._capture_due():
             self._step_chunks.append(out)
 
     # -- driving the events ------------------------------------------------------------------
@@ -153,8 +158,11 @@ class AttachedHub(MonitorHub):
         ctx = self.ctx
         self.emit("on_after_optimizer_step", ctx)
         out = ctx.outputs = self._step_outputs(outputs)
-        self.log(_train_values(out), step=ctx.step)
+        # train/loss, train/<term>, train/lr, train/wd: what the loop made visible
+        self.log_train(out.loss if isinstance(out.loss, torch.Tensor) else None,
+                       {**dict(out.terms or {}), **dict(out.schedules or {})}, step=ctx.step)
         self.emit("on_step_end", ctx)
+        self._capture_cadence.fire(ctx.step)
         ctx.step += 1
         self._n_backward = 0
         self._backward_emitted = False
@@ -238,11 +246,11 @@ class AttachedHub(MonitorHub):
         saved = ctx.step
         if step is not None:
             ctx.step = int(step)
-        ctx.embeddings, ctx.labels = embeddings.detach(), (list(labels) if labels is not None else None)
         try:
-            self.emit("on_embeddings", ctx)
+            self.emit_with("on_embeddings", ctx, embeddings=embeddings.detach(),
+                           labels=list(labels) if labels is not None else None)
         finally:
-            ctx.embeddings, ctx.labels, ctx.step = None, None, saved
+            ctx.step = saved
 
     @contextlib.contextmanager
     def capture(self, labels: Optional[Sequence[Any]] = None) -> Iterator["_Capture"]:
@@ -295,11 +303,7 @@ class AttachedHub(MonitorHub):
             d.checkpoint_findings = None
         n_before = len(self.findings)
         if not self.closed:  # after close() the answer is still given, nothing is written
-            ctx.checkpoint = checkpoint  # type: ignore[assignment]
-            try:
-                self.emit("on_load_checkpoint" if resumed else "on_save_checkpoint", ctx)
-            finally:
-                ctx.checkpoint = None
+            self.emit_with("on_load_checkpoint" if resumed else "on_save_checkpoint", ctx, checkpoint=checkpoint)
         found = list(self.findings[n_before:])
         # the doctor's answer to this checkpoint: it reports a code once per run, the answer is per call
         answer = next((d.checkpoint_findings[1] for d in doctors
@@ -317,17 +321,20 @@ class AttachedHub(MonitorHub):
 
     # -- state and end ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The hub's state plus the step and epoch counters."""
+        """The hub's state plus the step and epoch counters and the capture schedule."""
         state = super().state_dict()
         state["step"] = int(self.ctx.step)
         state["epoch"] = int(self.ctx.epoch)
+        state["capture_cadence"] = self._capture_cadence.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the monitors, the findings, the step and epoch)."""
+        """Restore :meth:`state_dict` (the monitors, the findings, the step, epoch and capture schedule)."""
         super().load_state_dict(state)
         self.ctx.step = int(state.get("step", self.ctx.step))
         self.ctx.epoch = int(state.get("epoch", self.ctx.epoch))
+        if "capture_cadence" in state:
+            self._capture_cadence.load_state_dict(state["capture_cadence"])
 
     def detach(self) -> None:
         """Remove every hook: after this, the loop emits nothing."""
@@ -371,18 +378,6 @@ def _as_list(labels: Any) -> list[Any]:
     if hasattr(labels, "tolist"):
         return list(labels.tolist())
     return list(labels)
-
-
-def _train_values(out: StepOutputs) -> dict[str, Any]:
-    """``train/loss``, ``train/<term>``, ``train/lr``, ``train/wd``: what the loop made visible
-    (0-dim tensors stay on the device until the log interval)."""
-    values: dict[str, Any] = {}
-    if isinstance(out.loss, torch.Tensor) and out.loss.numel() == 1:
-        values["train/loss"] = out.loss.reshape(())
-    for k, v in {**dict(out.terms or {}), **dict(out.schedules or {})}.items():
-        if (isinstance(v, torch.Tensor) and v.numel() == 1) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
-            values[f"train/{k}"] = v.reshape(()) if isinstance(v, torch.Tensor) else float(v)
-    return values
 
 
 def _detach(v: Any) -> Any:

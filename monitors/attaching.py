@@ -49,12 +49,17 @@ from torch import nn
 
 from .attached_hub import AttachedHub
 from .capture import parse_capture
+from .distributed import rank_and_world
 from .events import RunContext
 from .hub import _print_console
+from .options import positive_int
+from .records import RECORDS_DIR
 from .registry import REGISTRY, MonitorSpec, build_monitors
 from .resolve import resolve_prototypes, resolve_teacher
 
 __all__ = ["attach", "build_hub", "split_options", "OPTIONS"]
+
+_OWNER = "attach()"
 
 #: ``attach(**options)`` besides the per-monitor dicts ``<monitor>=dict(...)``, with their defaults
 OPTIONS: dict[str, Any] = {
@@ -99,12 +104,6 @@ def split_options(options: Mapping[str, Any], extra_valid: Sequence[str] = ()) -
     return hub_opts, overrides
 
 
-def _dist_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, model: Optional[nn.Module] = None,
               run: Any = None, monitors: MonitorSpec = "default", rank: Optional[int] = None,
               world_size: Optional[int] = None, install_hooks: bool = True,
@@ -119,27 +118,20 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
     tensor, name = resolve_prototypes(prototypes, model)
     capture = parse_capture(hub_opts["capture"], model)
     if rank is None or world_size is None:
-        r, w = _dist_rank()
+        r, w = rank_and_world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     exp_dir = hub_opts["exp_dir"]
     config = dict(hub_opts["config"] or {})
     teacher = resolve_teacher(hub_opts["teacher"], model)
-    freeze_steps = hub_opts["freeze_steps"]
-    if isinstance(freeze_steps, bool) or not isinstance(freeze_steps, int) or freeze_steps < 0:
-        raise ValueError(f"freeze_steps must be an integer >= 0 (the steps of an intended freeze of the "
-                         f"prototypes, e.g. freeze_last_layer epochs x steps per epoch), got {freeze_steps!r}")
+    freeze_steps = positive_int(_OWNER, "freeze_steps", hub_opts["freeze_steps"], minimum=0)
     ctx = RunContext(
         prototypes=tensor, optimizer=optimizer, model=model, teacher=teacher, config=config,
         rank=rank, world_size=world_size, freeze_steps=freeze_steps,
         param_groups=dict(hub_opts["param_groups"] or {}), exp_dir=None if exp_dir is None else str(exp_dir),
         extra={"prototypes_name": name, "integration": "attach"},
     )
-    full_every = hub_opts["full_every"]
-    if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
-        raise ValueError(f"full_every must be an integer >= 1 (1: the whole-tensor statistics every step "
-                         f"at any K), got {full_every!r}")
-    ctx.shared.full_every = full_every
+    ctx.shared.full_every = positive_int(_OWNER, "full_every", hub_opts["full_every"])
     mons = build_monitors(monitors, overrides=overrides)
     sinks: list[Any] = []
     if rank == 0:  # only rank 0 writes: other ranks open no run and no files
@@ -154,7 +146,7 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
         if exp_dir is not None:
             from .sinks import LocalSink
 
-            sinks.append(LocalSink(os.path.join(str(exp_dir), "records")))
+            sinks.append(LocalSink(os.path.join(str(exp_dir), RECORDS_DIR)))
         sinks.extend(hub_opts["sinks"] or ())
     console = hub_opts["console"]
     if console is True:

@@ -132,7 +132,7 @@ class Discovery:
             return
         prio, _, name, key, module, _ = min(self.cands, key=lambda c: (c[0], -c[1]))
         chunks = [c[5] for c in self.cands if c[2] == name and c[3] == key and c[4] is module]
-        hub._set_capture(module, name, key, chunks if hub.ctx.step % hub.capture_every == 0 else [])
+        hub._set_capture(module, name, key, chunks)
         shape = tuple(chunks[-1].shape)
         what = {0: f"the input of {name!r}, the layer holding the prototypes",
                 1: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else ""),

@@ -128,11 +128,8 @@ class PrototypeMonitorCallback(Callback):
         hub.ctx.step = int(trainer.global_step)
         hub.ctx.epoch = int(trainer.current_epoch)
         if self._pending_load is not None:
-            hub.ctx.checkpoint, self._pending_load = self._pending_load, None
-            try:
-                hub.emit("on_load_checkpoint", hub.ctx)
-            finally:
-                hub.ctx.checkpoint = None
+            checkpoint, self._pending_load = self._pending_load, None
+            hub.emit_with("on_load_checkpoint", hub.ctx, checkpoint=checkpoint)
         hub.start()
 
     def _require(self) -> AttachedHub:
