@@ -173,6 +173,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self._update_step = -1                # step whose update norm was observed
         self._snap_gnorm: Optional[torch.Tensor] = None
         self._proj: Optional[torch.Tensor] = None
+        self.checkpoint_findings: Optional[tuple[int, list]] = None  # (id of the checkpoint, its findings)
 
     # -- small helpers ----------------------------------------------------------------------
     def _say(self, ctx: RunContext, code: str, severity: str, message: str) -> None:
@@ -336,9 +337,10 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
 
     def _check_checkpoint(self, ctx: RunContext, loaded: bool) -> None:
         """The checkpoint check (:func:`monitors.checkpoint_check.check_checkpoint`, the optimizer
-        state included), reported through the doctor."""
+        state included); its answer stays in :attr:`checkpoint_findings` for ``hub.check_checkpoint``."""
         found = check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=loaded,
                                  name=ctx.extra.get("prototypes_name"), optimizer=ctx.optimizer)
+        self.checkpoint_findings = (id(ctx.checkpoint), found)
         for f in found:
             self._say(ctx, f.code, f.severity, f.message)
 

@@ -289,6 +289,11 @@ class MonitorHub:
         self.disabled.update(state.get("disabled", {}))
 
     # -- end --------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._closed
+
     def close(self) -> None:
         """Flush, finish monitors' background work (t-SNE), flush again and close the sinks."""
         if self._closed:

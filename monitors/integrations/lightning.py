@@ -43,9 +43,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "monitors.integrations.lightning needs Lightning 2.x: pip install lightning"
     ) from exc
 
-from ..attach import AttachedHub, OPTIONS, build_hub, split_options
+from ..attached_hub import AttachedHub
+from ..attaching import OPTIONS, build_hub, split_options
 from ..events import StepOutputs
 from ..registry import MonitorSpec
+from ..resolve import resolve_prototypes
 
 _FIELDS = set(StepOutputs.__dataclass_fields__)
 #: rows of validation projections kept for one on_embeddings (the t-SNE subsamples further)
@@ -107,8 +109,6 @@ class PrototypeMonitorCallback(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.hub is not None:
             return
-        from ..attach import resolve_prototypes
-
         tensor, _ = resolve_prototypes(self.prototypes, pl_module)
         optimizers = list(trainer.optimizers)
         optimizer = next((o for o in optimizers if any(p is tensor for g in o.param_groups for p in g["params"])),
@@ -128,11 +128,8 @@ class PrototypeMonitorCallback(Callback):
         hub.ctx.step = int(trainer.global_step)
         hub.ctx.epoch = int(trainer.current_epoch)
         if self._pending_load is not None:
-            hub.ctx.checkpoint, self._pending_load = self._pending_load, None
-            try:
-                hub.emit("on_load_checkpoint", hub.ctx)
-            finally:
-                hub.ctx.checkpoint = None
+            checkpoint, self._pending_load = self._pending_load, None
+            hub.emit_with("on_load_checkpoint", hub.ctx, checkpoint=checkpoint)
         hub.start()
 
     def _require(self) -> AttachedHub:
@@ -146,18 +143,18 @@ class PrototypeMonitorCallback(Callback):
             self.hub.ctx.epoch = int(trainer.current_epoch)
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.hub is not None and not self.hub._closed:
-            self.hub.notify_backward()
+        if self.hub is not None and not self.hub.closed:
+            self.hub.backward_done()
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: torch.optim.Optimizer) -> None:
         hub = self.hub
-        if hub is None or hub._closed or self._stepped:
+        if hub is None or hub.closed or self._stepped:
             return  # a second optimizer in the same batch: the first one drives the events
         if hub.ctx.optimizer is not None and _unwrap(optimizer) is not hub.ctx.optimizer:
             return
         self._stepped = True
-        hub.notify_before_step()
+        hub.optimizer_step_starting()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -165,7 +162,7 @@ class PrototypeMonitorCallback(Callback):
         if hub is None or not self._stepped:
             return  # an accumulation batch: no optimizer step yet
         self._stepped = False
-        hub.notify_after_step(_step_fields(outputs))
+        hub.optimizer_step_done(_step_fields(outputs))
         if hub.should_stop:
             trainer.should_stop = True
 
@@ -185,7 +182,7 @@ class PrototypeMonitorCallback(Callback):
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         proj, labels = self._val_proj, self._val_labels
         self._val_proj, self._val_labels = [], []
-        if self.hub is None or self.hub._closed or not proj or trainer.sanity_checking:
+        if self.hub is None or self.hub.closed or not proj or trainer.sanity_checking:
             return
         emb = torch.cat(proj)
         labels = [x for chunk in labels

@@ -1,0 +1,168 @@
+"""What ``attach()`` captures of the model's forward passes: the module named by ``capture=``, or
+the output found automatically in the first training-mode forward pass (:class:`Discovery`), and
+the soft assignments to the prototypes derived from what was captured."""
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .attached_hub import AttachedHub
+
+__all__ = ["INPUT", "parse_capture", "prototype_layer", "Discovery", "stack_outputs", "soft_assignments"]
+
+
+def parse_capture(capture: Any, model: Optional[nn.Module]) -> Optional[tuple[nn.Module, str, Any]]:
+    """``capture=`` as (module, the name given, key into its output); None: found automatically, or off."""
+    if capture is None or capture is False:
+        return None
+    if not isinstance(capture, str):
+        raise TypeError("capture must be a module name in model (e.g. 'head' or 'head:0'), None (found "
+                        f"automatically) or False (off), got {type(capture).__name__}")
+    if model is None:
+        raise ValueError(f"capture={capture!r} names a module of the model: pass model= too")
+    mod_name, _, index = capture.partition(":")
+    modules = dict(model.named_modules())
+    if mod_name not in modules and hasattr(model, "module") and "module." + mod_name in modules:
+        mod_name = "module." + mod_name
+    if mod_name not in modules:
+        close = difflib.get_close_matches(mod_name, [n for n in modules if n], n=5, cutoff=0.4)
+        raise ValueError(f"capture={capture!r}: no module {mod_name!r} in {type(model).__name__}"
+                         + (f"; close names: {', '.join(close)}" if close else "")
+                         + ". Name the module whose output is the projection (the prototypes' space).")
+    key: Any = None
+    if index:
+        key = int(index) if index.lstrip("-").isdigit() else index
+    return modules[mod_name], capture, key
+
+
+#: capture key meaning "the module's input" (the prototype layer's input is the projection)
+INPUT = "<input>"
+
+
+def _tensors_in(output: Any) -> list[tuple[Any, torch.Tensor]]:
+    """(key, tensor) of an output: the tensor itself (key None), or the elements of a tuple/list
+    (index) or dict (key), one level deep."""
+    if isinstance(output, torch.Tensor):
+        return [(None, output)]
+    if isinstance(output, (tuple, list)):
+        return [(i, t) for i, t in enumerate(output) if isinstance(t, torch.Tensor)]
+    if isinstance(output, Mapping):
+        return [(k, t) for k, t in output.items() if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _weight_of(module: nn.Module, prototypes: torch.Tensor) -> bool:
+    """Whether ``module`` multiplies by the prototypes as its weight: ``nn.Linear``-like
+    ``.weight``, the old weight norm's ``weight_v``, or a parametrization's original(s)."""
+    from torch.nn.utils import parametrize
+
+    if module._parameters.get("weight") is prototypes or module._parameters.get("weight_v") is prototypes:
+        return True
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        return any(getattr(plist, a, None) is prototypes for a in ("original", "original0", "original1"))
+    return False
+
+
+def prototype_layer(model: nn.Module, prototypes: torch.Tensor) -> Optional[tuple[str, nn.Module]]:
+    """The layer of ``model`` whose weight is the prototypes (an ``nn.Linear``, a
+    weight-normalised ``last_layer``): its input is the projection. None for a bare tensor
+    (outside the model, or a parameter used in the loss rather than as a layer's weight)."""
+    return next(((n, m) for n, m in model.named_modules() if _weight_of(m, prototypes)), None)
+
+
+class Discovery:
+    """Finds, in the first training-mode forward pass of ``model``, the output that lives in the
+    prototypes' space, then hands the choice to the hub (see :func:`attach`, ``capture``).
+
+    Preference: (1) the input of the layer that holds the prototypes (SwAV's ``prototypes``
+    ``nn.Linear``, DINO's ``last_layer``): the projections it multiplies; (2) the output with last
+    dimension D (projections) that completed last (the outermost module: the model itself when it
+    returns them; in a tuple or dict, the last such element); (3) the same with last dimension K
+    (scores). When D == K an output counts as projections (cosine to the prototypes)."""
+
+    def __init__(self, hub: "AttachedHub", model: nn.Module) -> None:
+        self.hub, self.model = hub, model
+        K, D = hub.ctx.prototypes.shape
+        self.K, self.D = K, D
+        layer = prototype_layer(model, hub.ctx.prototypes)
+        self.layer = layer[1] if layer is not None else None
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.cands: list[tuple[int, int, str, Any, nn.Module, torch.Tensor]] = []  # (prio, order, name, key, mod, t)
+        self.order = 0
+        self.done = False
+        self.handles: list[Any] = []
+
+    def install(self) -> list[Any]:
+        """Put a forward hook on every module of the model; returns the handles."""
+        self.handles = [m.register_forward_hook(self._hook) for m in self.model.modules()]
+        return self.handles
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.done or not module.training:
+            return
+        self.order += 1
+        name = self.names.get(id(module), "?")
+        if module is self.layer and args and isinstance(args[0], torch.Tensor) and args[0].shape[-1] == self.D:
+            self.cands.append((0, self.order, name, INPUT, module, args[0].detach()))
+        for key, t in _tensors_in(output):
+            if t.dim() >= 2 and t.is_floating_point() and t.shape[-1] in (self.D, self.K):
+                prio = 1 if t.shape[-1] == self.D else 2
+                self.cands.append((prio, self.order, name, key, module, t.detach()))
+        if module is self.model:
+            self.choose()
+
+    def choose(self) -> None:
+        """Pick the capture (at the model's first forward, or at the first optimizer step)."""
+        if self.done:
+            return
+        self.done = True
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        hub = self.hub
+        if not self.cands:
+            hub._say_capture("capture: no output of the model has the prototypes' dim D="
+                             f"{self.D} or K={self.K}: usage and PROTO_COLLAPSE need attach(capture='module') "
+                             "or hub.log_outputs(student_probs=...)")
+            return
+        prio, _, name, key, module, _ = min(self.cands, key=lambda c: (c[0], -c[1]))
+        chunks = [c[5] for c in self.cands if c[2] == name and c[3] == key and c[4] is module]
+        hub._set_capture(module, name, key, chunks)
+        shape = tuple(chunks[-1].shape)
+        what = {0: f"the input of {name!r}, the layer holding the prototypes",
+                1: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else ""),
+                2: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else "")}[prio]
+        kind = "projections (cosine to the prototypes)" if prio < 2 else "scores per prototype"
+        hub._say_capture(f"capture: {what}, shape {shape}, as the {kind}; attach(capture='module') picks "
+                         "another, capture=False turns this off")
+
+
+def stack_outputs(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The captured outputs of a step as one float (N, width) tensor; outputs of varying width:
+    the last one alone."""
+    try:
+        return torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).float()
+    except RuntimeError:
+        return chunks[-1].reshape(-1, chunks[-1].shape[-1]).float()
+
+
+def soft_assignments(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> Optional[torch.Tensor]:
+    """(N, K) softmax assignments of (N, D) projections (cosine to the prototypes, as SDPN / SwAV /
+    DINO score them) or of (N, K) scores, at ``temperature``; None for another width."""
+    K, D = prototypes.shape
+    if x.shape[-1] == D:
+        p = prototypes.detach()
+        p = p if p.dtype == torch.float32 else p.float()
+        # x_n . p_k / ||p_k||: the cosines without a normalised (K, D) copy of the prototypes
+        scores = nn.functional.normalize(x, dim=-1) @ p.T
+        scores.div_(torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12))
+    elif x.shape[-1] == K:
+        scores = x
+    else:
+        return None
+    return torch.softmax(scores / temperature, dim=-1)
