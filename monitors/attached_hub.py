@@ -17,7 +17,7 @@ from .events import RunContext, StepOutputs
 from .finding import Finding
 from .hub import MonitorHub, _print_console
 from .options import number_in, optional_positive_int, positive_int
-from .shared import assignment_rows
+from .proto_stats import assignment_rows
 
 __all__ = ["AttachedHub"]
 

@@ -72,7 +72,7 @@ OPTIONS: dict[str, Any] = {
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
     "capture_every": None,         # derive them every n steps (None: 1 with capture="name", 5 when found automatically)
-    "full_every": 4,               # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.shared)
+    "full_every": 4,               # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)
@@ -131,7 +131,7 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
         param_groups=dict(hub_opts["param_groups"] or {}), exp_dir=None if exp_dir is None else str(exp_dir),
         extra={"prototypes_name": name, "integration": "attach"},
     )
-    ctx.shared.full_every = positive_int(_OWNER, "full_every", hub_opts["full_every"])
+    ctx.proto_stats.full_every = positive_int(_OWNER, "full_every", hub_opts["full_every"])
     mons = build_monitors(monitors, overrides=overrides)
     sinks: list[Any] = []
     if rank == 0:  # only rank 0 writes: other ranks open no run and no files

@@ -13,7 +13,7 @@ from .base import Metrics, Monitor
 from .events import RunContext
 from .media import VectorStat
 from .options import positive_int
-from .shared import block_rows, work_dtype
+from .proto_stats import block_rows, work_dtype
 
 _TINY = 1e-12
 
@@ -27,8 +27,8 @@ class DeltaMonitor(Monitor):
     ``proto/delta/moved`` (rows of P with a nonzero update, float) and
     ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve, so only every
     ``drift_every`` steps and at the end of training: a pass over P and P_init).
-    Above ``ctx.shared.full_above`` prototypes (16,384) the update statistics are those of every
-    ``full_every``-th step (4; exact on those steps, :mod:`monitors.shared`).
+    Above ``ctx.proto_stats.full_above`` prototypes (16,384) the update statistics are those of every
+    ``full_every``-th step (4; exact on those steps, :mod:`monitors.proto_stats`).
 
     For inspection: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last
     step measured, and :attr:`last_proto_norms` (K,), all on the device.
@@ -76,10 +76,10 @@ class DeltaMonitor(Monitor):
 
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
         self._ensure_init(ctx.prototypes.detach())
-        if not ctx.shared.full_step(ctx):  # above full_above: the update every full_every steps
+        if not ctx.proto_stats.full_step(ctx):  # above full_above: the update every full_every steps
             return None
-        ctx.shared.snapshot(ctx)                       # shared with the health doctor
-        self._old_norm = ctx.shared.norm(ctx)          # ||P_old||, shared with the gradient monitor
+        ctx.proto_stats.snapshot(ctx)                       # shared with the health doctor
+        self._old_norm = ctx.proto_stats.norm(ctx)          # ||P_old||, shared with the gradient monitor
         self._snapshot_step = ctx.step
         return None
 
@@ -89,11 +89,11 @@ class DeltaMonitor(Monitor):
         if self._snapshot_step != ctx.step:
             return {"proto/delta/drift": self._drift(ctx, ctx.prototypes.detach())} if drift_due else None
         self._snapshot_step = None
-        per = ctx.shared.update_row_norms(ctx)        # (K,) ||U_k||
+        per = ctx.proto_stats.update_row_norms(ctx)        # (K,) ||U_k||
         if per is None:
             return None
         P = ctx.prototypes.detach()
-        total = ctx.shared.update_norm(ctx)
+        total = ctx.proto_stats.update_norm(ctx)
         self.last_update_norms = per
         self.last_delta_norm = total
         self._last_P = P
@@ -115,7 +115,7 @@ class DeltaMonitor(Monitor):
             dist = torch.dist(P, init)  # small: one kernel, its temporary fits the cache
         else:
             # ||P - P_init|| in row blocks through the shared small scratch: no (K, D) temporary
-            dist = torch.linalg.vector_norm(ctx.shared.distances(P, init))
+            dist = torch.linalg.vector_norm(ctx.proto_stats.distances(P, init))
         return dist / self._init_norm
 
     def on_train_end(self, ctx: RunContext) -> Metrics:

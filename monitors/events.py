@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .shared import SharedComputations
+from .proto_stats import ProtoStats
 
 #: Events in the order one optimizer step emits them (train start/end and checkpoints aside).
 EVENTS: tuple[str, ...] = (
@@ -81,14 +81,11 @@ class RunContext:
     exp_dir: Optional[str] = None
     #: free-form values an integration shares with its monitors
     extra: dict[str, Any] = field(default_factory=dict)
-    #: statistics several monitors need in the same event, computed once (the hub resets it
-    #: before each event); see :mod:`monitors.shared`
-    shared: SharedComputations = field(default_factory=SharedComputations, repr=False, compare=False)
+    #: statistics of the prototypes and their gradient that several monitors need in the same
+    #: event (row norms, the pre-step snapshot, the update's row norms), computed once; the hub
+    #: resets it before each event. See :mod:`monitors.proto_stats`
+    proto_stats: ProtoStats = field(default_factory=ProtoStats, repr=False, compare=False)
 
     @property
     def is_main_process(self) -> bool:
         return self.rank == 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.prototypes.device

@@ -13,7 +13,7 @@ from .cadence import Every
 from .events import RunContext
 from .media import Image, figure_to_array
 from .options import number_in, positive_int
-from .shared import row_distances, work_dtype
+from .proto_stats import row_distances, work_dtype
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -161,7 +161,7 @@ class EvolutionMonitor(Monitor):
             return None
         self._snapshot_step = ctx.step
         if ctx.prototypes.shape[0] <= self.max_tracked:  # every row: the shared snapshot
-            ctx.shared.snapshot(ctx)
+            ctx.proto_stats.snapshot(ctx)
             return None
         self._prev = self._select(ctx.prototypes.detach(), self._prev)  # gathered into its buffer
         return None
@@ -172,9 +172,9 @@ class EvolutionMonitor(Monitor):
         self._snapshot_step = None
         P_full = ctx.prototypes.detach()
         if P_full.shape[0] <= self.max_tracked:
-            update = ctx.shared.update_row_norms(ctx)
+            update = ctx.proto_stats.update_row_norms(ctx)
             if update is not None:
-                self._append(ctx.step, P_full.shape[0], ctx.shared.row_norms(ctx).float(), update.float())
+                self._append(ctx.step, P_full.shape[0], ctx.proto_stats.row_norms(ctx).float(), update.float())
             return None
         if self._prev is None:
             return None

@@ -10,7 +10,7 @@ from .cadence import Every
 from .events import RunContext
 from .media import Histogram, VectorStat
 from .options import positive_int
-from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, grad_of, row_sample, work_dtype
+from .proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, grad_of, row_sample, work_dtype
 
 _TINY = 1e-12
 
@@ -42,8 +42,8 @@ class GradientMonitor(Monitor):
     are those of a fixed random sample of ``sample_rows`` (4,096) rows, and
     ``proto/grad/sampled`` (the number of rows they cover) is logged beside them; ``norm``,
     ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient); above
-    ``ctx.shared.full_above`` (16,384) those three come every ``full_every`` (4) steps
-    (:mod:`monitors.shared`).
+    ``ctx.proto_stats.full_above`` (16,384) those three come every ``full_every`` (4) steps
+    (:mod:`monitors.proto_stats`).
 
     A prototype without a gradient yields no metrics: the health doctor diagnoses that.
     """
@@ -64,9 +64,9 @@ class GradientMonitor(Monitor):
         self.sample_rows = positive_int(owner, "sample_rows", sample_rows)
 
     def on_after_backward(self, ctx: RunContext) -> Metrics:
-        if not ctx.shared.full_step(ctx):
+        if not ctx.proto_stats.full_step(ctx):
             return None
-        total = ctx.shared.grad_norm(ctx)
+        total = ctx.proto_stats.grad_norm(ctx)
         if total is None:
             return None
         return {"proto/grad/raw_norm": total}
@@ -75,19 +75,19 @@ class GradientMonitor(Monitor):
         P = ctx.prototypes
         idx = row_sample(P.shape[0], self.sample_above, self.sample_rows, P.device)
         if idx is None:
-            per = ctx.shared.grad_row_norms(ctx)  # (K,); the total derives from it
+            per = ctx.proto_stats.grad_row_norms(ctx)  # (K,); the total derives from it
         else:
-            per = ctx.shared.sampled_grad_row_norms(ctx, idx)  # (sample_rows,): a gather
+            per = ctx.proto_stats.sampled_grad_row_norms(ctx, idx)  # (sample_rows,): a gather
         if per is None:
             return None
         out: dict = {
             "proto/grad/per_proto_mean": VectorStat(per, "mean"),  # reduced at the log interval
             "proto/grad/per_proto_max": VectorStat(per, "max"),
         }
-        if ctx.shared.full_step(ctx):
-            total = ctx.shared.grad_norm(ctx)  # exact, shared with the health doctor
+        if ctx.proto_stats.full_step(ctx):
+            total = ctx.proto_stats.grad_norm(ctx)  # exact, shared with the health doctor
             out["proto/grad/norm"] = total
-            out["proto/grad/to_weight"] = total / ctx.shared.norm(ctx).clamp_min(_TINY)
+            out["proto/grad/to_weight"] = total / ctx.proto_stats.norm(ctx).clamp_min(_TINY)
         if idx is not None:
             out["proto/grad/sampled"] = float(idx.shape[0])
         if self._hist.fire(ctx.step):

@@ -31,7 +31,7 @@ from .health_interval import DEVICE_STATE, IntervalJudge
 from .health_static import StaticChecks
 from .optimizer_lookup import ProtoGroup
 from .options import number_in, positive_int
-from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
+from .proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 __all__ = ["HealthDoctor", "CODES", "check_checkpoint", "find_prototypes_in_checkpoint",
            "prototype_optimizer_state_in_checkpoint", "PROTO_NOT_LEAF", "PROTO_NO_GRAD", "PROTO_NOT_IN_OPTIMIZER",
@@ -149,7 +149,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self.stuck_run = self.stuck_longest = 0  # gradient non-zero, value unchanged by step()
         self.gnf_run = self.gnf_longest = 0      # NaN/Inf gradient
         self.nonfinite_seen = False              # a NaN/Inf prototype since the last on_log
-        # per-step observations: device tensors other monitors computed anyway (ctx.shared), kept
+        # per-step observations: device tensors other monitors computed anyway (ctx.proto_stats), kept
         # as they are and read in one transfer at the log interval, so a step costs no kernel here
         self._obs_gnorm: list[torch.Tensor] = []     # ||grad|| of each step with a gradient
         self._obs_stuck: list[torch.Tensor] = []     # ||grad|| of each snapshot step ...
@@ -251,18 +251,18 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         else:
             group = self._proto_group(ctx, rescan=False)
         lr = self._check_lr(ctx, group)
-        if grad is None or not ctx.shared.full_step(ctx):  # above full_above: every full_every steps
+        if grad is None or not ctx.proto_stats.full_step(ctx):  # above full_above: every full_every steps
             return None
         # the gradient norm (shared with the gradient monitor) is NaN/Inf iff an entry is (or
         # |g| > ~1e19 in float32) and > 0 iff an entry is non-zero
-        gnorm = ctx.shared.grad_norm(ctx)
+        gnorm = ctx.proto_stats.grad_norm(ctx)
         if gnorm is None:  # a sparse gradient: not checked
             return None
         self._obs_gnorm.append(gnorm)
         # snapshot for PROTO_NOT_UPDATING (skipped when lr 0 or frozen: other codes cover it),
         # shared with the delta monitor
         if lr != 0.0 and ctx.step >= ctx.freeze_steps:
-            ctx.shared.snapshot(ctx)
+            ctx.proto_stats.snapshot(ctx)
             self._snap_gnorm = gnorm
             self._snap_step = ctx.step
         return None
@@ -274,7 +274,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
             self._grad_step_check(ctx, P.grad is None)
         if self._snap_step == ctx.step:
             self._snap_step = -1
-            update = ctx.shared.update_norm(ctx)  # ||P - snapshot||, shared with the delta monitor
+            update = ctx.proto_stats.update_norm(ctx)  # ||P - snapshot||, shared with the delta monitor
             if update is not None:
                 self._obs_stuck.append(self._snap_gnorm)
                 self._obs_update.append(update)
@@ -293,12 +293,12 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         # was before the step: a step with an update needs no pass over P here
         if self._update_step == ctx.step and self._obs_update:
             self._obs_rows.append(self._obs_update[-1])
-        elif ctx.shared.full_step(ctx):
-            self._obs_rows.append(ctx.shared.norm(ctx))
+        elif ctx.proto_stats.full_step(ctx):
+            self._obs_rows.append(ctx.proto_stats.norm(ctx))
         else:  # above full_above between full steps: the rows of the norm monitor's sample
             idx = row_sample(P.shape[0], SAMPLE_ABOVE, SAMPLE_ROWS, P.device)
-            self._obs_rows.append(ctx.shared.norm(ctx) if idx is None
-                                  else torch.linalg.vector_norm(ctx.shared.sampled_row_norms(ctx, idx)))
+            self._obs_rows.append(ctx.proto_stats.norm(ctx) if idx is None
+                                  else torch.linalg.vector_norm(ctx.proto_stats.sampled_row_norms(ctx, idx)))
         self._collapse_step(ctx, d)
         return None
 

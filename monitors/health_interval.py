@@ -21,7 +21,7 @@ from .codes import (PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_NONFINITE, PROTO_NOR
                     PROTO_REPLICAS_DIVERGED, fix_of)
 from .distributed import world_size
 from .events import RunContext
-from .shared import assignment_rows
+from .proto_stats import assignment_rows
 
 #: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
 #: div: largest rank disagreement; col_*: collapsed steps, identical-rows steps, smallest entropy

@@ -97,7 +97,7 @@ class MonitorHub:
             raise ValueError(f"unknown event {event!r}; events are {', '.join(EVENTS)}")
         self.ctx = ctx
         t0 = time.perf_counter()
-        ctx.shared.next_event()
+        ctx.proto_stats.next_event()
         per_step = event in STEP_EVENTS
         if event in COLLECTIVE_EVENTS:
             # every rank, every step, switched-off monitors included: a rank that skipped a
@@ -176,7 +176,7 @@ class MonitorHub:
         the sinks. Called at each log interval, at checkpoints and at the end."""
         ctx = self.ctx
         if ctx is not None:
-            ctx.shared.next_event()
+            ctx.proto_stats.next_event()
             for m in self._by_hook.get("on_log", ()):
                 if m.name not in self.disabled:
                     self._call(m, "on_log", ctx)

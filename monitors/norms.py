@@ -8,7 +8,7 @@ from .cadence import Every
 from .events import RunContext
 from .media import Histogram, VectorStat
 from .options import positive_int
-from .shared import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
+from .proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 
 class NormMonitor(Monitor):
@@ -39,9 +39,9 @@ class NormMonitor(Monitor):
         P = ctx.prototypes
         idx = row_sample(P.shape[0], self.sample_above, self.sample_rows, P.device)
         if idx is None:
-            norms = ctx.shared.row_norms(ctx)  # (K,), shared with the other monitors of this event
+            norms = ctx.proto_stats.row_norms(ctx)  # (K,), shared with the other monitors of this event
         else:
-            norms = ctx.shared.sampled_row_norms(ctx, idx)  # (sample_rows,): a gather, not a pass
+            norms = ctx.proto_stats.sampled_row_norms(ctx, idx)  # (sample_rows,): a gather, not a pass
         # the statistics are reduced by the hub at the log interval: one pass here per step
         out: dict = {
             "proto/norm/mean": VectorStat(norms, "mean"),

@@ -17,7 +17,7 @@ The :class:`TrainerChecks` monitor (name ``checks``, in the default set) reports
 
 Cost: the gradient comparison copies the local (K, D) gradient in the prototypes' post-accumulate
 hook and all-reduces it once (in :meth:`on_collective`, on every rank), only at sampled steps; the
-freeze check reads the update norm the delta monitor computes anyway (``ctx.shared``), during the
+freeze check reads the update norm the delta monitor computes anyway (``ctx.proto_stats``), during the
 freeze only; the teacher check sums each parameter of teacher and student once per log interval.
 Nothing is read on the host between log intervals.
 """
@@ -226,14 +226,14 @@ class TrainerChecks(Monitor):
     # -- freeze that freezes nothing -------------------------------------------------------------
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
         if ctx.step < ctx.freeze_steps and ctx.step % self.freeze_every == 0 and ctx.prototypes.is_leaf:
-            ctx.shared.snapshot(ctx)  # shared with the delta monitor and the doctor
+            ctx.proto_stats.snapshot(ctx)  # shared with the delta monitor and the doctor
             self._fz_step = ctx.step
         return None
 
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
         if self._fz_step == ctx.step:
             self._fz_step = -1
-            u = ctx.shared.update_norm(ctx)
+            u = ctx.proto_stats.update_norm(ctx)
             if u is not None:
                 self._fz_updates.append(u)
         return None

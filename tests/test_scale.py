@@ -10,7 +10,7 @@ import torch
 from conftest import RecordingSink
 from monitors import RunContext, attach, build_monitors
 from monitors.health import HealthDoctor
-from monitors.shared import assignment_rows, block_rows, row_distances, row_sample
+from monitors.proto_stats import assignment_rows, block_rows, row_distances, row_sample
 
 
 def _run(K: int, D: int, steps: int, full: tuple[int, int] | None = None, **options):
@@ -26,7 +26,7 @@ def _run(K: int, D: int, steps: int, full: tuple[int, int] | None = None, **opti
     hub = attach(opt, P, run=False, sinks=[sink], console=None, log_every=steps, monitors=mons,
                  **({} if full is None else {"full_every": full[1]}))
     if full is not None:
-        hub.ctx.shared.full_above = full[0]
+        hub.ctx.proto_stats.full_above = full[0]
     seen = []
     for _ in range(steps):
         x = torch.randn(8, D)
@@ -154,7 +154,7 @@ def test_the_snapshot_is_the_one_k_by_d_buffer():
         opt.zero_grad()
         P.square().sum().backward()
         opt.step()
-    sh = hub.ctx.shared
+    sh = hub.ctx.proto_stats
     assert sh._snap.shape == (K, D)
     assert sh._scratch.shape[0] * 4 <= K   # differences go through a block of rows
     hub.close()
@@ -208,7 +208,7 @@ def test_a_nan_written_by_the_step_is_seen_through_the_update_norm(full_above, f
     opt.register_step_post_hook(poison)
     hub = attach(opt, P, run=False, sinks=[], console=None, log_every=5, monitors=["deltas", "health"],
                  full_every=full_every)
-    hub.ctx.shared.full_above = full_above
+    hub.ctx.proto_stats.full_above = full_above
     for _ in range(10):
         opt.zero_grad()
         P.square().sum().backward()

@@ -1,4 +1,4 @@
-"""Work shared between monitors (ctx.shared) and vector statistics reduced at the log interval
+"""Work shared between monitors (ctx.proto_stats) and vector statistics reduced at the log interval
 (media.VectorStat): the values are right, reused only within one event, and a monitor still
 sees writes PyTorch's version counter misses (``.data``)."""
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_vector_stat_refuses_an_unknown_statistic():
 def test_shared_values_are_reused_within_an_event_only():
     P = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
     ctx = RunContext(prototypes=P)
-    sh = ctx.shared
+    sh = ctx.proto_stats
     sh.next_event()
     a = sh.row_norms(ctx)
     assert sh.row_norms(ctx) is a                       # computed once for every monitor
@@ -72,7 +72,7 @@ def test_shared_values_are_reused_within_an_event_only():
 def test_snapshot_and_update_are_one_copy_per_step():
     P = torch.nn.Parameter(torch.zeros(3, 2))
     ctx = RunContext(prototypes=P)
-    sh = ctx.shared
+    sh = ctx.proto_stats
     sh.next_event()
     snap = sh.snapshot(ctx)
     assert sh.snapshot(ctx) is snap and sh.has_snapshot(ctx)

@@ -2,8 +2,8 @@
 
 The norms, gradient, delta, evolution and health monitors all read the prototypes, their
 gradient and the update of the step. Each pass over a (K, D) tensor is cheap, but a dozen of them
-per step is a measurable share of a small model's step. :class:`SharedComputations` (one per
-run, ``ctx.shared``) memoises them within one event: the hub calls :meth:`next_event` before
+per step is a measurable share of a small model's step. :class:`ProtoStats` (one per
+run, ``ctx.proto_stats``) memoises them within one event: the hub calls :meth:`next_event` before
 each dispatch, so a value is reused only by monitors of the same event, never across an
 ``optimizer.step()`` or any other change to the tensors, including ``.data`` writes that
 PyTorch's version counter does not see. Within an event the key also holds the tensor's
@@ -22,7 +22,7 @@ be taken on a fixed row sample above ``SAMPLE_ABOVE`` rows (:func:`row_sample`);
 Even fused, the whole-tensor statistics are several passes over (K, D) a step: the snapshot copy,
 the update's difference and norm, ``||P||`` and the gradient's norm before and after clipping, and
 no eager PyTorch kernel fuses a difference with its norm. So above ``full_above`` prototypes (16,384) they
-are taken on every ``full_every``-th step (4) only (:meth:`SharedComputations.full_step`); on those
+are taken on every ``full_every``-th step (4) only (:meth:`ProtoStats.full_step`); on those
 steps they are exact, and the per-row statistics of the row sample come every step. At or below
 ``full_above`` every step is a full step.
 """
@@ -138,7 +138,7 @@ def grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t.grad
 
 
-class SharedComputations:
+class ProtoStats:
     """Per-event memo of prototype statistics; see the module docstring.
 
     Methods take the run context and return device tensors, or None when the tensor they need
