@@ -26,6 +26,11 @@ What is checked, and the conventions the README follows for it:
   call (``self.report(ctx, CODE, ...)``, ``Finding(CODE, ...)``) in ``monitors/`` or
   ``pipeline/`` outside ``monitors/codes.py``.
 
+- **Where each thing lives** (the Architecture section): the monitor map ``| monitor | file |
+  class |`` names each registered monitor's module and class; the findings map ``| codes | file
+  |`` puts every code in one row whose first file holds it; every ``.py`` path the README names
+  exists.
+
 Keys written outside the monitors and the hub (``train/*``, ``eval/*``, ``perf/step_ms``,
 ``data/*`` and ``dist/*`` by the pipeline, ``proto/usage/sampled`` by ``attach()``'s automatic
 capture, ``health/finding/<CODE>`` by the W&B sink) are named in the README's prose, not in these
@@ -253,3 +258,41 @@ def test_every_code_is_raised_outside_codes_py():
                         raised.add(arg.value)
     never = set(CODES) - raised
     assert not never, f"codes no code raises (no call in monitors/ or pipeline/ takes them): {', '.join(sorted(never))}"
+
+
+# -- where each thing lives (the README's Architecture section) ---------------------------------
+WHERE_SECTION = section("### Where each thing lives")
+
+
+def test_monitor_map_names_each_monitors_file_and_class():
+    """Every registered monitor has a row ``| name | file | class |`` whose first file is the module
+    the registry imports it from, and whose class is the registered class."""
+    rows = {r[0].strip("`"): r for r in table(WHERE_SECTION, ["monitor", "file", "class"])}
+    assert set(rows) == set(REGISTRY), diff_message("monitor map", set(rows), set(REGISTRY), "REGISTRY")
+    for name, target in REGISTRY.items():
+        module, cls = target.split(":")
+        files = [t for t in backticked(rows[name][1]) if t.endswith(".py")]
+        assert files and files[0] == module.replace(".", "/") + ".py", (name, files, module)
+        assert rows[name][2].strip("`") == cls, (name, rows[name][2], cls)
+
+
+def test_findings_map_names_a_file_that_raises_each_code():
+    """Every code is in exactly one row ``| codes | file |``, and the first file of that row holds
+    the code literally (the module that judges it)."""
+    seen: dict[str, str] = {}
+    for codes_cell, file_cell in table(WHERE_SECTION, ["codes", "file"]):
+        files = [t for t in backticked(file_cell) if t.endswith(".py")]
+        assert files, f"no file named for {codes_cell}"
+        for code in backticked(codes_cell):
+            assert code not in seen, f"{code} is in two rows of the findings map"
+            seen[code] = files[0]
+    assert set(seen) == set(CODES), diff_message("findings map", set(seen), set(CODES), "monitors/codes.py")
+    for code, path in seen.items():
+        assert re.search(rf"\b{code}\b", (ROOT / path).read_text()), f"{path} does not hold {code}"
+
+
+def test_named_files_exist():
+    """Every ``monitors/...py`` or ``pipeline/...py`` path the README names exists."""
+    paths = set(re.findall(r"`((?:monitors|pipeline|benchmarks|scripts|tests)/[A-Za-z0-9_/]+\.py)`", README))
+    missing = sorted(p for p in paths if not (ROOT / p).is_file())
+    assert not missing, f"README.md names files that do not exist: {missing}"
