@@ -1,11 +1,14 @@
-"""The one "every n steps" rule of the monitors.
+"""The "every n steps" rules of the monitors, two of them and each written once.
 
-A monitor's per-step hooks run at the hub's cadence (``Monitor.every_n_steps``: steps that are
-multiples of n). Work a hook does less often than that (a histogram, a render, a duplicate
-check) uses :class:`Every`: due at the first step it is asked about, then once at least
-``n`` steps have passed since the last time it fired. Steps a hook skips therefore never delay
-the next firing by more than one hook call, and a resume that restores :meth:`state_dict`
-continues the same schedule.
+- :func:`on_multiple`: the step is a multiple of n (counted from ``start``). The same steps on
+  every rank and after any resume, with no state: the rule of the hub's cadence
+  (``Monitor.every_n_steps``), of the log interval, and of every check that meets the other ranks
+  in a collective.
+- :class:`Every`: work a hook does less often than its own cadence (a histogram, a render, a
+  duplicate check): due at the first step it is asked about, then once at least ``n`` steps have
+  passed since the last time it fired. Steps a hook skips therefore never delay the next firing
+  by more than one hook call, and a resume that restores :meth:`Every.state_dict` continues the
+  same schedule.
 """
 from __future__ import annotations
 
@@ -13,7 +16,12 @@ from typing import Any, Mapping, Optional
 
 from .options import positive_int
 
-__all__ = ["Every"]
+__all__ = ["Every", "on_multiple"]
+
+
+def on_multiple(step: int, n: int, start: int = 0) -> bool:
+    """Whether ``step`` is ``start``, ``start + n``, ``start + 2n``, ... (never before ``start``)."""
+    return step >= start and (step - start) % n == 0
 
 
 class Every:

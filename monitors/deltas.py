@@ -12,6 +12,7 @@ import torch
 from .base import Metrics, Monitor
 from .events import RunContext
 from .media import VectorStat
+from .cadence import on_multiple
 from .options import positive_int
 from .proto_stats import block_rows, work_dtype
 
@@ -85,7 +86,7 @@ class DeltaMonitor(Monitor):
 
     # -- the update -------------------------------------------------------------------------
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
-        drift_due = ctx.step % self.drift_every == 0
+        drift_due = on_multiple(ctx.step, self.drift_every)
         if self._snapshot_step != ctx.step:
             return {"proto/delta/drift": self._drift(ctx, ctx.prototypes.detach())} if drift_due else None
         self._snapshot_step = None

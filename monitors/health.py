@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .base import Metrics, Monitor
-from .cadence import Every
+from .cadence import Every, on_multiple
 from .checkpoint_check import check_checkpoint, find_prototypes_in_checkpoint, prototype_optimizer_state_in_checkpoint
 from .codes import (CODES, PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED,
                     PROTO_LR_ZERO, PROTO_NO_GRAD, PROTO_NONFINITE, PROTO_NORM_OUT_OF_RANGE, PROTO_NOT_IN_CHECKPOINT,
@@ -226,7 +226,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
                     "before creating them, or broadcast them from rank 0 after creating them: "
                     "dist.broadcast(prototypes.data, src=0)."
                 ))
-        elif ctx.step % self.sync_every == 0:
+        elif on_multiple(ctx.step, self.sync_every):
             d = self._devstate(P.device)
             torch.maximum(d["div"], self._replica_gap(P), out=d["div"])
         return None
@@ -246,7 +246,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
             return None
         grad = P.grad
         self._grad_step_check(ctx, grad is None)
-        if ctx.step - self._last_static >= self.static_every or ctx.step % self.static_every == 0:
+        if ctx.step - self._last_static >= self.static_every or on_multiple(ctx.step, self.static_every):
             group = self._check_optimizer(ctx)
         else:
             group = self._proto_group(ctx, rescan=False)

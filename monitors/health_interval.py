@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from .base import Metrics
+from .cadence import on_multiple
 from .codes import (PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_NONFINITE, PROTO_NORM_OUT_OF_RANGE, PROTO_NOT_UPDATING,
                     PROTO_REPLICAS_DIVERGED, fix_of)
 from .distributed import world_size
@@ -67,9 +68,7 @@ class IntervalJudge:
         """Accumulate this step's collapse signs (identical rows, near-uniform rows, few
         prototypes used) into the device state ``d``; nothing is read."""
         out = ctx.outputs
-        if out is None or ctx.step < self.collapse_warmup:
-            return
-        if (ctx.step - self.collapse_warmup) % self.collapse_every != 0:
+        if out is None or not on_multiple(ctx.step, self.collapse_every, start=self.collapse_warmup):
             return
         # large K: the first assignment_rows(K) rows of each matrix (every row of a usual batch at K=512)
         probs, targets = (m if m is None or m.dim() != 2 else m[:assignment_rows(m.shape[-1])]

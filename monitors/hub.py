@@ -12,6 +12,7 @@ import torch
 
 from .base import Monitor, check_hook_names
 from .events import COLLECTIVE_EVENTS, EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
+from .cadence import on_multiple
 from .codes import MONITOR_FAILED, SINK_FAILED
 from .finding import Finding
 from .media import Histogram, VectorStat, reduce_rows
@@ -107,14 +108,14 @@ class MonitorHub:
         for m in self._by_hook.get(event, ()):
             if m.name in self.disabled:
                 continue
-            if per_step and ctx.step % m.every_n_steps != 0:
+            if per_step and not on_multiple(ctx.step, m.every_n_steps):
                 continue
             self._call(m, event, ctx)
         self._monitor_seconds += time.perf_counter() - t0
         if event == "on_step_end":
             self.log({"perf/monitor_ms": 1000.0 * self._monitor_seconds}, step=ctx.step)
             self._monitor_seconds = 0.0
-            if (ctx.step + 1) % self.log_every == 0:
+            if on_multiple(ctx.step + 1, self.log_every):  # the last step of an interval
                 self.flush()
         elif event in ("on_save_checkpoint", "on_train_end"):
             self.flush()

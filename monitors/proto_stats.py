@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .cadence import on_multiple
+
 
 def _version(t: torch.Tensor) -> int:
     try:
@@ -161,7 +163,7 @@ class ProtoStats:
         """Whether this step takes the statistics that need a whole pass over (K, D) (the
         snapshot and update, ``||P||``, the gradient's norm): every step up to ``full_above``
         prototypes, every ``full_every``-th step above (see the module docstring)."""
-        return ctx.prototypes.shape[0] <= self.full_above or ctx.step % self.full_every == 0
+        return ctx.prototypes.shape[0] <= self.full_above or on_multiple(ctx.step, self.full_every)
 
     def next_event(self) -> None:
         """Forget the values of the previous event (the hub calls this before each dispatch)."""

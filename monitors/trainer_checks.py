@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .base import Metrics, Monitor
+from .cadence import on_multiple
 from .codes import PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED, TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT
 from .distributed import world_size
 from .events import RunContext
@@ -176,7 +177,7 @@ class TrainerChecks(Monitor):
     # -- gradient summed across ranks ------------------------------------------------------------
     def _on_local_grad(self, param: torch.Tensor) -> None:
         ctx = self._ctx
-        if ctx is None or ctx.step % self.grad_avg_every != 0 or param.grad is None or param.grad.is_sparse:
+        if ctx is None or not on_multiple(ctx.step, self.grad_avg_every) or param.grad is None or param.grad.is_sparse:
             return
         g = param.grad.detach()
         if self._local is None or self._local.numel() != g.numel() + 3 or self._local.device != g.device:
@@ -195,7 +196,7 @@ class TrainerChecks(Monitor):
         if not self._started:  # train start: no gradient yet
             self._started = True
             return None
-        if ctx.step % self.grad_avg_every != 0:
+        if not on_multiple(ctx.step, self.grad_avg_every):
             return None
         P = ctx.prototypes
         n = P.numel()
@@ -225,7 +226,7 @@ class TrainerChecks(Monitor):
 
     # -- freeze that freezes nothing -------------------------------------------------------------
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:
-        if ctx.step < ctx.freeze_steps and ctx.step % self.freeze_every == 0 and ctx.prototypes.is_leaf:
+        if ctx.step < ctx.freeze_steps and on_multiple(ctx.step, self.freeze_every) and ctx.prototypes.is_leaf:
             ctx.proto_stats.snapshot(ctx)  # shared with the delta monitor and the doctor
             self._fz_step = ctx.step
         return None
