@@ -1,7 +1,7 @@
 """The shared option checks and the cadence rule."""
 import pytest
 
-from monitors.cadence import Every
+from monitors.cadence import Every, on_multiple
 from monitors.options import number_in, one_of, optional_positive_int, positive_int
 
 
@@ -56,3 +56,9 @@ def test_emit_with_clears_the_payload_and_log_train_keeps_scalars():
     row = hub._rows[0]
     assert set(row) == {"train/loss", "train/ploss", "train/lr", "train/epoch"}
     assert row["train/epoch"] == 3 and row["train/loss"].shape == ()
+
+
+def test_on_multiple_is_phase_locked_from_its_start():
+    assert [s for s in range(12) if on_multiple(s, 4)] == [0, 4, 8]
+    assert [s for s in range(12) if on_multiple(s, 4, start=3)] == [3, 7, 11]
+    assert [s for s in range(5) if on_multiple(s, 1, start=2)] == [2, 3, 4]
