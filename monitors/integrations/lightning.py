@@ -107,6 +107,7 @@ class PrototypeMonitorCallback(Callback):
         return None
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Attach the hub to the module's optimizer and prototypes (once per fit)."""
         if self.hub is not None:
             return
         tensor, _ = resolve_prototypes(self.prototypes, pl_module)
@@ -124,6 +125,7 @@ class PrototypeMonitorCallback(Callback):
             self._pending_state = None
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Emit ``on_train_start``: the static checks report now."""
         hub = self._require()
         hub.ctx.step = int(trainer.global_step)
         hub.ctx.epoch = int(trainer.current_epoch)
@@ -139,15 +141,18 @@ class PrototypeMonitorCallback(Callback):
 
     # -- steps ------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Keep ``ctx.epoch`` in step with the trainer."""
         if self.hub is not None:
             self.hub.ctx.epoch = int(trainer.current_epoch)
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """A backward pass finished: ``backward_done`` (the event at the accumulation boundary)."""
         if self.hub is not None and not self.hub.closed:
             self.hub.backward_done()
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: torch.optim.Optimizer) -> None:
+        """Right before ``optimizer.step()``: ``optimizer_step_starting`` (gradients final)."""
         hub = self.hub
         if hub is None or hub.closed or self._stepped:
             return  # a second optimizer in the same batch: the first one drives the events
@@ -158,6 +163,7 @@ class PrototypeMonitorCallback(Callback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        """After the step: ``optimizer_step_done`` with the training step's outputs."""
         hub = self.hub
         if hub is None or not self._stepped:
             return  # an accumulation batch: no optimizer step yet
@@ -169,6 +175,7 @@ class PrototypeMonitorCallback(Callback):
     # -- validation -> on_embeddings ---------------------------------------------------------
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Collect the head outputs and labels of a validation batch for the t-SNE frame."""
         if self.hub is None or trainer.sanity_checking or not isinstance(outputs, Mapping):
             return
         proj = outputs.get("projections", outputs.get("embeddings"))
@@ -180,6 +187,7 @@ class PrototypeMonitorCallback(Callback):
         self._val_labels.append(labels.detach().reshape(-1) if isinstance(labels, torch.Tensor) else list(labels))
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Hand the validation projections and labels to ``on_embeddings`` (the t-SNE frame)."""
         proj, labels = self._val_proj, self._val_labels
         self._val_proj, self._val_labels = [], []
         if self.hub is None or self.hub.closed or not proj or trainer.sanity_checking:
@@ -193,19 +201,23 @@ class PrototypeMonitorCallback(Callback):
     # -- checkpoints and state -----------------------------------------------------------------
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
+        """Check the dict Lightning is about to write (``hub.check_checkpoint``: ``on_save_checkpoint``)."""
         if self.hub is not None:
             self.hub.check_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
+        """Keep the dict Lightning just read: ``on_load_checkpoint`` follows at ``on_train_start``."""
         self._pending_load = checkpoint  # emitted at on_train_start, once the weights are restored
 
     def state_dict(self) -> dict[str, Any]:
+        """The hub's state, saved by Lightning with the checkpoint."""
         if self.hub is not None:
             return self.hub.state_dict()
         return dict(self._pending_state or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the hub's state (kept until the hub exists if it does not yet)."""
         if self.hub is not None:
             self.hub.load_state_dict(state_dict)
         else:
@@ -213,10 +225,12 @@ class PrototypeMonitorCallback(Callback):
 
     # -- end --------------------------------------------------------------------------------
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Emit ``on_train_end`` and close the hub (flush, finish background work)."""
         if self.hub is not None:
             self.hub.close()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """Close the hub so nothing buffered is lost when training raises."""
         if self.hub is not None:
             self.hub.close()
 
