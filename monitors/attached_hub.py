@@ -27,6 +27,18 @@ _STEP_FIELDS = set(StepOutputs.__dataclass_fields__)
 _MAX_CHUNKS = 64
 
 
+#: the automatic capture derives assignments every this many steps (see :func:`auto_capture_every`)
+AUTO_CAPTURE_EVERY = 5
+
+
+def auto_capture_every(ctx: RunContext) -> int:
+    """The automatic capture's cadence: every AUTO_CAPTURE_EVERY steps, and ``full_every`` times
+    that above ``full_above`` prototypes (the (N, D) x (D, K) product reads all of P, as the
+    whole-tensor statistics do)."""
+    stats = ctx.proto_stats
+    return AUTO_CAPTURE_EVERY * (stats.full_every if ctx.prototypes.shape[0] > stats.full_above else 1)
+
+
 class AttachedHub(MonitorHub):
     """A :class:`MonitorHub` that drives its own events from hooks on a foreign loop.
 
@@ -50,7 +62,7 @@ class AttachedHub(MonitorHub):
             raise ValueError(f"{_OWNER}: assign_temperature must be > 0, got {assign_temperature!r}")
         capture_every = optional_positive_int(_OWNER, "capture_every", capture_every)
         if capture_every is None:
-            capture_every = 5 if auto_capture and capture is None else 1
+            capture_every = auto_capture_every(ctx) if auto_capture and capture is None else 1
         self.capture_every = capture_every
         self._capture_cadence = Every(capture_every, _OWNER, "capture_every")
         self.ctx = ctx

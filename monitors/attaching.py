@@ -71,7 +71,7 @@ OPTIONS: dict[str, Any] = {
     "capture": None,               # "module.name" / "module.name:i" in model; None: found automatically; False: off
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
-    "capture_every": None,         # derive them every n steps (None: 1 with capture="name", 5 when found automatically)
+    "capture_every": None,         # every n steps (None: 1 with capture="name"; automatic: 5, 20 above 16,384 rows)
     "full_every": 4,               # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))

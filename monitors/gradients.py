@@ -39,7 +39,7 @@ class GradientMonitor(Monitor):
     ``clip_grad_norm_``; 1 = every step).
 
     Above ``sample_above`` prototypes (16,384) the per-prototype statistics and the histogram
-    are those of a fixed random sample of ``sample_rows`` (4,096) rows, and
+    are those of a fixed, evenly spaced sample of ``sample_rows`` (4,096) rows, and
     ``proto/grad/sampled`` (the number of rows they cover) is logged beside them; ``norm``,
     ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient); above
     ``ctx.proto_stats.full_above`` (16,384) those three come every ``full_every`` (4) steps

@@ -17,7 +17,7 @@ class NormMonitor(Monitor):
     Emits ``proto/norm/mean``, ``/min``, ``/max``, ``/std`` (population std, so K=1 gives 0,
     not NaN) every step, and ``proto/norm/hist`` (the K norms) every ``hist_every`` steps.
 
-    Above ``sample_above`` prototypes (16,384) these are statistics of a fixed random sample of
+    Above ``sample_above`` prototypes (16,384) these are statistics of a fixed, evenly spaced sample of
     ``sample_rows`` (4,096) rows, and ``proto/norm/sampled`` (the number of rows they cover) is
     logged beside them; without it they cover every row. ``sample_above`` >= K gives exact
     per-row statistics at any K (one more pass over P per step).

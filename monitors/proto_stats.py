@@ -63,6 +63,8 @@ FULL_EVERY = 4
 ASSIGN_ENTRIES = 1 << 20
 
 _SAMPLES: dict[tuple, torch.Tensor] = {}
+#: id of a row_sample -> (first row, spacing): its rows as a strided view
+_STRIDED: dict[int, tuple[int, int]] = {}
 
 
 def assignment_rows(K: int) -> int:
@@ -73,17 +75,32 @@ def assignment_rows(K: int) -> int:
 
 def row_sample(K: int, sample_above: int, sample_rows: int, device: torch.device,
                seed: int = 0) -> Optional[torch.Tensor]:
-    """Sorted indices of a fixed random subset of ``sample_rows`` of K rows, made on ``device``
-    (no host-to-device copy), the same at every call; None when ``K <= sample_above`` (use all)."""
+    """Sorted indices of a fixed, evenly spaced subset of ``sample_rows`` of K rows (every
+    ``K // sample_rows``-th row from ``seed % (K // sample_rows)``), made on ``device``, the same
+    at every call; None when ``K <= sample_above`` (use all). Prototype indices carry no meaning
+    (the rows are initialised alike and trained alike), so evenly spaced rows estimate the table
+    as a random subset does, also when a table was initialised in blocks; and they are a strided
+    view of P, read without a gather."""
     if K <= sample_above or sample_rows >= K:
         return None
     key = (K, sample_rows, str(device), seed)
     idx = _SAMPLES.get(key)
     if idx is None:
-        g = torch.Generator(device=device).manual_seed(seed)
-        idx = torch.randperm(K, generator=g, device=device)[:sample_rows].sort().values
+        step = K // sample_rows
+        start = seed % step
+        idx = torch.arange(start, start + step * sample_rows, step, device=device)
         _SAMPLES[key] = idx
+        _STRIDED[id(idx)] = (start, step)
     return idx
+
+
+def sampled_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``idx`` of ``t``: a strided view for a :func:`row_sample`, else a gather."""
+    strided = _STRIDED.get(id(idx))
+    if strided is not None and t.shape[0] >= strided[0] + strided[1] * (idx.shape[0] - 1) + 1:
+        start, step = strided
+        return t[start: start + step * idx.shape[0]: step]
+    return t.index_select(0, idx)
 
 
 def block_rows(shape: torch.Size, device: torch.device) -> int:
@@ -156,7 +173,6 @@ class ProtoStats:
         self._snap: Optional[torch.Tensor] = None      # (K, D) prototypes before step()
         self._snap_key: Optional[tuple] = None         # (step, event) of the snapshot
         self._scratch: Optional[torch.Tensor] = None   # (rows, D) block of row_distances
-        self._gathered: Optional[torch.Tensor] = None  # (sample_rows, D) rows of a row sample
         self._update: Optional[tuple] = None           # (step, (K,) update row norms) of the last step
 
     def full_step(self, ctx: Any) -> bool:
@@ -211,13 +227,7 @@ class ProtoStats:
         rows = self._memo.get(key)
         if rows is not None:
             return rows.index_select(0, idx)
-        src = t.detach()
-        shape = (idx.shape[0], *src.shape[1:])
-        buf = self._gathered  # the sampled rows, gathered into one reused buffer (no fresh 4 MB each call)
-        if buf is None or buf.shape != shape or buf.dtype != src.dtype or buf.device != src.device:
-            self._gathered = buf = torch.empty(shape, dtype=src.dtype, device=src.device)
-        torch.index_select(src, 0, idx, out=buf)
-        return torch.linalg.vector_norm(buf, dim=-1, dtype=work_dtype(t.dtype))
+        return torch.linalg.vector_norm(sampled_rows(t.detach(), idx), dim=-1, dtype=work_dtype(t.dtype))
 
     # -- the gradient -----------------------------------------------------------------------
     @staticmethod
