@@ -27,16 +27,17 @@ _STEP_FIELDS = set(StepOutputs.__dataclass_fields__)
 _MAX_CHUNKS = 64
 
 
-#: the automatic capture derives assignments every this many steps (see :func:`auto_capture_every`)
+#: the automatic capture derives assignments every this many steps, and every
+#: AUTO_CAPTURE_EVERY_LARGE_K above ``ctx.proto_stats.full_above`` prototypes
 AUTO_CAPTURE_EVERY = 5
+AUTO_CAPTURE_EVERY_LARGE_K = 20
 
 
 def auto_capture_every(ctx: RunContext) -> int:
-    """The automatic capture's cadence: every AUTO_CAPTURE_EVERY steps, and ``full_every`` times
-    that above ``full_above`` prototypes (the (N, D) x (D, K) product reads all of P, as the
-    whole-tensor statistics do)."""
-    stats = ctx.proto_stats
-    return AUTO_CAPTURE_EVERY * (stats.full_every if ctx.prototypes.shape[0] > stats.full_above else 1)
+    """The automatic capture's cadence (the (N, D) x (D, K) product reads all of P, as the
+    whole-tensor statistics do, so it is rarer where those are)."""
+    large = ctx.prototypes.shape[0] > ctx.proto_stats.full_above
+    return AUTO_CAPTURE_EVERY_LARGE_K if large else AUTO_CAPTURE_EVERY
 
 
 class AttachedHub(MonitorHub):
