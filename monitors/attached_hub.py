@@ -27,8 +27,7 @@ _STEP_FIELDS = set(StepOutputs.__dataclass_fields__)
 _MAX_CHUNKS = 64
 
 
-#: the automatic capture derives assignments every this many steps, and every
-#: AUTO_CAPTURE_EVERY_LARGE_K above ``ctx.proto_stats.full_above`` prototypes
+#: steps between the automatic capture's assignments (above ``full_above`` prototypes: LARGE_K)
 AUTO_CAPTURE_EVERY = 5
 AUTO_CAPTURE_EVERY_LARGE_K = 20
 
