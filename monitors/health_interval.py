@@ -60,6 +60,13 @@ class Interval:
     duplicates: Optional[float]                # duplicate fraction of a finished check, else None
 
 
+def _row_entropy(m: torch.Tensor) -> torch.Tensor:
+    """(N,) entropy in nats of each row of probabilities ``m`` (0 log 0 = 0; NaN stays NaN).
+    ``torch.special.entr`` takes a per-element branch on CPU: ~10x slower than this on a batch."""
+    logs = m.clamp_min(torch.finfo(m.dtype).tiny).log_()
+    return -(logs.mul_(m)).sum(dim=-1)
+
+
 class IntervalJudge:
     """The log-interval half of the doctor (see the module docstring); the doctor owns the state."""
 
@@ -92,7 +99,7 @@ class IntervalJudge:
         for m, is_target in ((probs, False), (targets, True)):
             if m is None or m.dim() != 2 or m.shape[0] < 2:
                 continue
-            gap = math.log(m.shape[-1]) - torch.special.entr(m.detach().float()).sum(dim=-1)  # (N,) nats
+            gap = math.log(m.shape[-1]) - _row_entropy(m.detach().float())  # (N,) nats
             near = (gap <= self.collapse_uniform_gap).float().mean() > 0.5
             if is_target and have_p:
                 near = near & (spread[0] > tol)

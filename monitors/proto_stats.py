@@ -172,6 +172,7 @@ class ProtoStats:
         self._memo: dict[tuple, Any] = {}
         self._snap: Optional[torch.Tensor] = None      # (K, D) prototypes before step()
         self._snap_key: Optional[tuple] = None         # (step, event) of the snapshot
+        self._snap_spent = False                       # the update was subtracted into it in place
         self._scratch: Optional[torch.Tensor] = None   # (rows, D) block of row_distances
         self._update: Optional[tuple] = None           # (step, (K,) update row norms) of the last step
 
@@ -271,9 +272,10 @@ class ProtoStats:
         if snap is None or snap.shape != P.shape or snap.device != P.device or snap.dtype != P.dtype:
             self._snap = snap = torch.empty_like(P, memory_format=torch.contiguous_format)
             self._snap_key = None
-        if self._snap_key != key:
+        if self._snap_key != key or self._snap_spent:
             snap.copy_(P)
             self._snap_key = key
+            self._snap_spent = False
         return snap
 
     def has_snapshot(self, ctx: Any) -> bool:
@@ -287,11 +289,21 @@ class ProtoStats:
         P = ctx.prototypes
         if self._update is not None and self._update[0] == (ctx.step, id(P), self._snap_key):
             return self._update[1]
-        if not self.has_snapshot(ctx) or self._snap.shape != P.shape or self._snap.device != P.device:
+        if not self.has_snapshot(ctx) or self._snap_spent or self._snap.shape != P.shape \
+                or self._snap.device != P.device:
             return None
         # a row moved iff its update norm is > 0 (exact: an element change small enough for its
         # square to underflow would need |P_kd| < ~1e-19)
-        per = self.distances(P.detach(), self._snap)
+        Pd, snap = P.detach(), self._snap
+        if snap.dtype == work_dtype(snap.dtype) and Pd.dtype == snap.dtype \
+                and P.shape[0] <= block_rows(P.shape, P.device):
+            # one block (small K): the difference in place of the snapshot, which every monitor
+            # has read through the update by now: no scratch buffer to pull through the cache
+            snap.sub_(Pd)
+            self._snap_spent = True
+            per = torch.linalg.vector_norm(snap.reshape(snap.shape[0], -1), dim=1)
+        else:
+            per = self.distances(Pd, snap)
         self._update = ((ctx.step, id(P), self._snap_key), per)
         return per
 

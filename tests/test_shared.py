@@ -112,3 +112,31 @@ def test_monitors_run_on_float64_and_bfloat16_prototypes(dtype):
         assert k in rows[0], k
     assert rows[3]["proto/delta/moved"] > 0 and rows[3]["proto/delta/norm"] > 0
     assert hub.get("evolution").history()["steps"] == list(range(10))  # a subset of 8 of 16 rows
+
+
+def test_update_in_place_of_the_snapshot_is_read_once_and_retaken_next_step():
+    """At small K the update is subtracted into the snapshot itself: later readers of the same
+    step get the same norms, and the next step's snapshot is a fresh copy of P."""
+    P = torch.nn.Parameter(torch.zeros(3, 2))
+    ctx = RunContext(prototypes=P)
+    sh = ctx.proto_stats
+    for step, row in ((0, [3.0, 4.0]), (1, [0.0, 1.0])):
+        ctx.step = step
+        sh.next_event()
+        sh.snapshot(ctx)
+        sh.next_event()
+        P.data[1] += torch.tensor(row)
+        first = sh.update_row_norms(ctx)
+        assert sh.update_row_norms(ctx) is first           # the step's one update, reused
+        np.testing.assert_allclose(first.numpy(), [0.0, float(np.hypot(*row)), 0.0])
+        assert float(sh.update_norm(ctx)) == pytest.approx(float(np.hypot(*row)))
+
+
+def test_row_entropy_matches_torch_special_entr():
+    from monitors.health_interval import _row_entropy
+
+    torch.manual_seed(0)
+    m = torch.softmax(torch.randn(6, 9) * 4, dim=1)
+    m[0] = torch.tensor([1.0] + [0.0] * 8)                  # 0 log 0 = 0
+    np.testing.assert_allclose(_row_entropy(m).numpy(), torch.special.entr(m).sum(-1).numpy(), atol=1e-6)
+    assert float(_row_entropy(torch.full((1, 512), 1 / 512))[0]) == pytest.approx(np.log(512), rel=1e-6)
