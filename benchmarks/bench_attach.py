@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
           f" twice takes {limit:.2f} ms here ({2 * s.P.numel() * s.P.element_size() / limit / 1e6:.1f} GB/s)"
           + (f"; the monitors' own time is {statistics.median(perf.monitor_ms) / limit:.1f}x that" if perf.monitor_ms else ""))
     print(f"attach() itself took {t_attach:.2f} s once (static checks; the heatmap monitor imports matplotlib then)."
-          " Means include the log-interval work (the flush, heatmap renders at most every 30 s); background"
+          " Means include the log-interval work (the flush, heatmap renders at most every 60 s); background"
           " processes (W&B, t-SNE worker) are outside")
     print(f"findings: {sorted({f.code for f in s.hub.findings}) or 'none'}")
 

@@ -87,7 +87,7 @@ class EvolutionMonitor(Monitor):
     buffers of ``max_columns`` columns. When full, every other column is dropped and the record
     interval doubles, so long runs stay bounded and evenly sampled.
 
-    At ``on_log`` every ``image_every`` steps, but at most once per ``min_render_seconds`` of
+    At ``on_log`` every ``image_every`` steps, but at most once per ``min_render_seconds`` (60) of
     wall time (rendering is host work, which a step cadence alone would repeat too often when
     steps are fast), and at ``on_train_end`` it renders two heatmaps,
     ``proto/evolution/norm`` and ``proto/evolution/update`` (log10): rows are prototypes sorted by
@@ -102,7 +102,7 @@ class EvolutionMonitor(Monitor):
     metrics = ("proto/evolution/norm", "proto/evolution/update")
 
     def __init__(self, every_n_steps: int = 10, max_columns: int = 200, image_every: int = 100,
-                 max_rows: int = 256, max_tracked: int = 4096, min_render_seconds: float = 30.0) -> None:
+                 max_rows: int = 256, max_tracked: int = 4096, min_render_seconds: float = 60.0) -> None:
         super().__init__(every_n_steps)
         owner = type(self).__name__
         self.max_columns = positive_int(owner, "max_columns", max_columns, minimum=2)
