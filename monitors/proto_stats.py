@@ -15,7 +15,9 @@ At large K (DINO's 65,536 x 256 is 67 MB in float32) every pass over a (K, D) te
 measurable share of a step, and a fresh (K, D) temporary costs page faults besides. So: the one
 persistent (K, D) buffer is the snapshot; differences (the update, the drift) are reduced in row
 blocks through a small reused scratch (:func:`row_distances`), which reads each operand once and
-writes nothing of size (K, D); totals are one fused ``vector_norm`` pass. Per-row statistics may
+writes nothing of size (K, D) (at a K that fits one block the update is instead subtracted in
+place of the snapshot, which every reader has used by then); totals are one fused
+``vector_norm`` pass. Per-row statistics may
 be taken on a fixed row sample above ``SAMPLE_ABOVE`` rows (:func:`row_sample`); the totals
 (``||P||``, ``||grad||``, ``||update||``, drift) are always exact.
 
