@@ -53,6 +53,19 @@ class _Heatmap:
         self._im: Any = None
         self._ylabel: Optional[str] = None
 
+    def _build(self, values: np.ndarray) -> None:
+        self._fig, self._ax = _new_figure("")
+        self._im = self._ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis")
+        self._fig.colorbar(self._im, ax=self._ax, label=self.cbar, fraction=0.05, pad=0.015)
+        self._ylabel = ""
+
+    def warm(self) -> None:
+        """Make the figure and draw it once, so that the first render in training costs what
+        every later one does (the first draw of a figure lays out its fonts and ticks: ~2x)."""
+        if self._fig is None:
+            self._build(np.zeros((2, 2)))
+            self._fig.canvas.draw()
+
     def render(self, steps: Sequence[int], data: np.ndarray, title: str, ylabel: str) -> np.ndarray:
         """(rows, T) ``data`` against real step numbers -> (H, W, 4) uint8; row 0 on top."""
         x = np.asarray(steps, dtype=np.float64)
@@ -68,10 +81,10 @@ class _Heatmap:
             ax.set_title(title, fontsize=10)
             fig.colorbar(mesh, ax=ax, label=self.cbar, fraction=0.05, pad=0.015)
             return figure_to_array(fig)
-        if self._fig is None or self._ylabel != ylabel:
-            self._fig, self._ax = _new_figure(ylabel)
-            self._im = self._ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis")
-            self._fig.colorbar(self._im, ax=self._ax, label=self.cbar, fraction=0.05, pad=0.015)
+        if self._fig is None:
+            self._build(values)
+        if self._ylabel != ylabel:
+            self._ax.set_ylabel(ylabel)
             self._ylabel = ylabel
         self._im.set_data(values)
         self._im.set_extent((edges[0], edges[-1], data.shape[0], 0))
@@ -151,9 +164,10 @@ class EvolutionMonitor(Monitor):
         return self._record.due(step)
 
     def on_train_start(self, ctx: RunContext) -> Metrics:
-        # import the renderer now, before the first step: the import would otherwise stall the
-        # step of the first render in the middle of training
-        _new_figure("")
+        # import the renderer and make both figures now, before the first step: the import and
+        # the first draw would otherwise stall the step of the first render in mid-training
+        self._norm_map.warm()
+        self._update_map.warm()
         return None
 
     def on_before_optimizer_step(self, ctx: RunContext) -> Metrics:

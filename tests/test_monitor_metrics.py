@@ -265,6 +265,24 @@ def test_evolution_renders_at_most_once_per_min_render_seconds():
     assert m.on_train_end(ctx_for(P, step=1)) is not None      # the final picture always comes
 
 
+def test_evolution_warm_figures_draw_what_fresh_ones_do():
+    """on_train_start makes and draws both figures before training; a render afterwards (with
+    another y label) gives the very pixels of a figure made for it, and a second render the same."""
+    from monitors.evolution import _Heatmap
+    steps, data = [0, 10, 20], np.arange(12, dtype=np.float64).reshape(4, 3)
+    fresh = _Heatmap("c").render(steps, data, "t at 20", "rank (4 of 4)")
+    warm = _Heatmap("c")
+    warm.warm()
+    fig = warm._fig
+    assert fig is not None
+    assert np.array_equal(warm.render(steps, data, "t at 20", "rank (4 of 4)"), fresh)
+    assert warm._fig is fig                                     # the warmed figure was reused
+    assert not np.array_equal(warm.render(steps, data[::-1], "t at 20", "rank (4 of 4)"), fresh)
+    m = EvolutionMonitor()
+    m.on_train_start(ctx_for(torch.ones(4, 3), step=0))
+    assert m._norm_map._fig is not None and m._update_map._fig is not None
+
+
 def test_evolution_uneven_columns_and_frozen_prototypes_render():
     P = torch.ones(4, 3)
     m = EvolutionMonitor(every_n_steps=1, image_every=1, min_render_seconds=0)
