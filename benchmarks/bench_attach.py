@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--capture", action="store_true", help="attach(capture='head'): assignments per step")
     ap.add_argument("--no-auto-capture", action="store_true",
                     help="attach(capture=False): without the capture found from model= (every 5 steps)")
+    ap.add_argument("--full-every", type=positive, default=None,
+                    help="attach(full_every=): whole-tensor statistics every n steps above 16,384 prototypes")
     ap.add_argument("--wandb", action="store_true", help="write an offline W&B run (else no sink)")
     ap.add_argument("--monitors", default="default", help="monitors to attach ('none': the hooks and hub only)")
     ap.add_argument("--malloc", choices=("keep", "system"), default="keep",
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     s = Setup(args)
     tmp = tempfile.mkdtemp(prefix="bench_attach_")
     extra = {"capture": "head"} if args.capture else ({"capture": False} if args.no_auto_capture else {})
+    if args.full_every is not None:
+        extra["full_every"] = args.full_every
     perf = _PerfSink()
     t_attach = time.perf_counter()
     s.hub = attach(s.opt, s.P, model=s.student, run=None if args.wandb else False,

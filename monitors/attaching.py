@@ -72,7 +72,7 @@ OPTIONS: dict[str, Any] = {
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
     "capture_every": None,         # every n steps (None: 1 with capture="name"; automatic: 5, 20 above 16,384 rows)
-    "full_every": 8,               # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
+    "full_every": 10,              # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)

@@ -29,7 +29,7 @@ class DeltaMonitor(Monitor):
     ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve, so only every
     ``drift_every`` steps and at the end of training: a pass over P and P_init).
     Above ``ctx.proto_stats.full_above`` prototypes (16,384) the update statistics are those of every
-    ``full_every``-th step (8; exact on those steps, :mod:`monitors.proto_stats`).
+    ``full_every``-th step (10; exact on those steps, :mod:`monitors.proto_stats`).
 
     For inspection: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last
     step measured, and :attr:`last_proto_norms` (K,), all on the device.

@@ -42,7 +42,7 @@ class GradientMonitor(Monitor):
     are those of a fixed, evenly spaced sample of ``sample_rows`` (4,096) rows, and
     ``proto/grad/sampled`` (the number of rows they cover) is logged beside them; ``norm``,
     ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient); above
-    ``ctx.proto_stats.full_above`` (16,384) those three come every ``full_every`` (8) steps
+    ``ctx.proto_stats.full_above`` (16,384) those three come every ``full_every`` (10) steps
     (:mod:`monitors.proto_stats`).
 
     A prototype without a gradient yields no metrics: the health doctor diagnoses that.

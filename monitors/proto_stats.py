@@ -24,7 +24,7 @@ be taken on a fixed row sample above ``SAMPLE_ABOVE`` rows (:func:`row_sample`);
 Even fused, the whole-tensor statistics are several passes over (K, D) a step: the snapshot copy,
 the update's difference and norm, ``||P||`` and the gradient's norm before and after clipping, and
 no eager PyTorch kernel fuses a difference with its norm. So above ``full_above`` prototypes (16,384) they
-are taken on every ``full_every``-th step (8) only (:meth:`ProtoStats.full_step`); on those
+are taken on every ``full_every``-th step (10) only (:meth:`ProtoStats.full_step`); on those
 steps they are exact, and the per-row statistics of the row sample come every step. At or below
 ``full_above`` every step is a full step.
 """
@@ -58,7 +58,7 @@ _BLOCK_GPU = 1 << 22
 #: above this many prototypes the whole-tensor statistics are taken every FULL_EVERY steps
 FULL_ABOVE = 16384
 #: the cadence of the whole-tensor statistics above FULL_ABOVE (1: every step)
-FULL_EVERY = 8
+FULL_EVERY = 10
 
 #: (N, K) assignments the monitors read per capture: every row up to this many entries, else the
 #: first ``assignment_rows(K)`` rows (the per-capture matmul and entropies scale with N x K)
