@@ -53,6 +53,7 @@ from .distributed import rank_and_world
 from .events import RunContext
 from .hub import _print_console
 from .options import positive_int
+from .proto_stats import FULL_EVERY
 from .records import RECORDS_DIR
 from .registry import REGISTRY, MonitorSpec, build_monitors
 from .resolve import resolve_prototypes, resolve_teacher
@@ -72,7 +73,7 @@ OPTIONS: dict[str, Any] = {
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
     "capture_every": None,         # every n steps (None: 1 with capture="name"; automatic: 5, 20 above 16,384 rows)
-    "full_every": 10,              # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
+    "full_every": FULL_EVERY,      # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)

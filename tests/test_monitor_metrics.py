@@ -267,7 +267,8 @@ def test_evolution_renders_at_most_once_per_min_render_seconds():
 
 def test_evolution_warm_figures_draw_what_fresh_ones_do():
     """on_train_start makes and draws both figures before training; a render afterwards (with
-    another y label) gives the very pixels of a figure made for it, and a second render the same."""
+    another y label) gives the very pixels of a figure made for it, and the next render draws
+    the new data into the same figure."""
     from monitors.evolution import _Heatmap
     steps, data = [0, 10, 20], np.arange(12, dtype=np.float64).reshape(4, 3)
     fresh = _Heatmap("c").render(steps, data, "t at 20", "rank (4 of 4)")
