@@ -252,10 +252,10 @@ class TrainerChecks(Monitor):
         if self._t_params:
             t_now, s_now = _fingerprint(self._t_params), _fingerprint(self._s_params)
             if t_now is not None and self._t_ref is not None and t_now.shape == self._t_ref.shape:
-                t_changed = len(parts)
+                t_changed = sum(x.numel() for x in parts)  # an index into the flat read, not into parts
                 parts.append((t_now != self._t_ref).any().double().reshape(1).to(dev))
             if s_now is not None and self._s_ref is not None and s_now.shape == self._s_ref.shape:
-                s_changed = len(parts)
+                s_changed = sum(x.numel() for x in parts)
                 parts.append((s_now != self._s_ref).any().double().reshape(1).to(dev))
             self._t_ref, self._s_ref = t_now, s_now
         self._ratios, self._fz_updates = [], []
