@@ -34,6 +34,7 @@ from .cadence import on_multiple
 from .codes import PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED, TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT
 from .distributed import world_size
 from .events import RunContext
+from .grad_scaling import scale_tensor
 from .optimizer_lookup import unwrap
 from .options import positive_int
 
@@ -204,6 +205,10 @@ class TrainerChecks(Monitor):
         have = buf is not None and self._local_step == ctx.step and buf.numel() == n + 3
         if not have:  # take part with zeros: every rank must call the same collectives
             buf = torch.zeros(n + 3, dtype=torch.float32, device=P.device)
+        else:
+            scale = scale_tensor(ctx.extra.get("grad_scaler"))
+            if scale is not None:  # copied during a GradScaler's backward: S x the local gradient
+                buf[:-3].div_(scale.to(buf.device, buf.dtype))
         g = P.grad
         usable = g is not None and not g.is_sparse and g.numel() == n
         gf = g.detach().reshape(-1).float() if usable else None

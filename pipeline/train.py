@@ -81,6 +81,8 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                      config=cfg.to_dict(), rank=rank, world_size=world, freeze_steps=freeze_steps,
                      param_groups={"backbone": backbone_params, "head": head_params},
                      exp_dir=str(exp_dir) if rank == 0 else None)
+    if scaler is not None:  # the local gradient PROTO_GRAD_NOT_AVERAGED copies in backward is scaled
+        ctx.extra["grad_scaler"] = scaler
 
     # -- resume --------------------------------------------------------------------------------
     start_step = 0
