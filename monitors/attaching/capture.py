@@ -4,15 +4,14 @@ the soft assignments to the prototypes derived from what was captured."""
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .attached_hub import AttachedHub
-
-__all__ = ["INPUT", "parse_capture", "prototype_layer", "Discovery", "stack_outputs", "soft_assignments"]
+__all__ = ["INPUT", "parse_capture", "prototype_layer", "CaptureChoice", "Discovery", "stack_outputs",
+           "soft_assignments", "EvalCapture", "labels_list", "detach_value"]
 
 
 def parse_capture(capture: Any, model: Optional[nn.Module]) -> Optional[tuple[nn.Module, str, Any]]:
@@ -75,9 +74,24 @@ def prototype_layer(model: nn.Module, prototypes: torch.Tensor) -> Optional[tupl
     return next(((n, m) for n, m in model.named_modules() if _weight_of(m, prototypes)), None)
 
 
+@dataclass
+class CaptureChoice:
+    """What :class:`Discovery` chose: ``module``'s output (or its input: ``key is INPUT``), under
+    ``name``, with the ``chunks`` of it already seen in this step; ``module`` is None when nothing
+    qualified. ``message`` is the line that tells the user."""
+
+    message: str
+    module: Optional[nn.Module] = None
+    name: str = ""
+    key: Any = None
+    chunks: list = field(default_factory=list)
+
+
 class Discovery:
     """Finds, in the first training-mode forward pass of ``model``, the output that lives in the
-    prototypes' space, then hands the choice to the hub (see :func:`attach`, ``capture``).
+    prototypes' space and returns its choice (:class:`CaptureChoice`); the hub installs it (see
+    :func:`attach`, ``capture``). When the choice is made inside a forward hook, it is handed to
+    ``on_choice``.
 
     Preference: (1) the input of the layer that holds the prototypes (SwAV's ``prototypes``
     ``nn.Linear``, DINO's ``last_layer``): the projections it multiplies; (2) the output with last
@@ -85,11 +99,12 @@ class Discovery:
     returns them; in a tuple or dict, the last such element); (3) the same with last dimension K
     (scores). When D == K an output counts as projections (cosine to the prototypes)."""
 
-    def __init__(self, hub: "AttachedHub", model: nn.Module) -> None:
-        self.hub, self.model = hub, model
-        K, D = hub.ctx.prototypes.shape
+    def __init__(self, model: nn.Module, prototypes: torch.Tensor,
+                 on_choice: Callable[[CaptureChoice], None]) -> None:
+        self.model, self.on_choice = model, on_choice
+        K, D = prototypes.shape
         self.K, self.D = K, D
-        layer = prototype_layer(model, hub.ctx.prototypes)
+        layer = prototype_layer(model, prototypes)
         self.layer = layer[1] if layer is not None else None
         self.names = {id(m): n for n, m in model.named_modules()}
         self.cands: list[tuple[int, int, str, Any, nn.Module, torch.Tensor]] = []  # (prio, order, name, key, mod, t)
@@ -114,32 +129,28 @@ class Discovery:
                 prio = 1 if t.shape[-1] == self.D else 2
                 self.cands.append((prio, self.order, name, key, module, t.detach()))
         if module is self.model:
-            self.choose()
+            self.on_choice(self.choose())
 
-    def choose(self) -> None:
-        """Pick the capture (at the model's first forward, or at the first optimizer step)."""
-        if self.done:
-            return
+    def choose(self) -> CaptureChoice:
+        """Pick the capture (at the model's first forward, or at the first optimizer step); call
+        once (:attr:`done` says whether it was)."""
         self.done = True
         for h in self.handles:
             h.remove()
         self.handles = []
-        hub = self.hub
         if not self.cands:
-            hub._say_capture("capture: no output of the model has the prototypes' dim D="
-                             f"{self.D} or K={self.K}: usage and PROTO_COLLAPSE need attach(capture='module') "
-                             "or hub.log_outputs(student_probs=...)")
-            return
+            return CaptureChoice("capture: no output of the model has the prototypes' dim D="
+                                 f"{self.D} or K={self.K}: usage and PROTO_COLLAPSE need attach(capture='module') "
+                                 "or hub.log_outputs(student_probs=...)")
         prio, _, name, key, module, _ = min(self.cands, key=lambda c: (c[0], -c[1]))
         chunks = [c[5] for c in self.cands if c[2] == name and c[3] == key and c[4] is module]
-        hub._set_capture(module, name, key, chunks)
         shape = tuple(chunks[-1].shape)
         what = {0: f"the input of {name!r}, the layer holding the prototypes",
                 1: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else ""),
                 2: f"the output of {name or type(self.model).__name__!r}" + (f"[{key!r}]" if key is not None else "")}[prio]
         kind = "projections (cosine to the prototypes)" if prio < 2 else "scores per prototype"
-        hub._say_capture(f"capture: {what}, shape {shape}, as the {kind}; attach(capture='module') picks "
-                         "another, capture=False turns this off")
+        return CaptureChoice(f"capture: {what}, shape {shape}, as the {kind}; attach(capture='module') picks "
+                             "another, capture=False turns this off", module, name, key, chunks)
 
 
 def stack_outputs(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -166,3 +177,32 @@ def soft_assignments(x: torch.Tensor, prototypes: torch.Tensor, temperature: flo
     else:
         return None
     return torch.softmax(scores / temperature, dim=-1)
+
+
+class EvalCapture:
+    """What ``with hub.capture() as cap`` yields: collects the labels of the eval batches."""
+
+    def __init__(self, labels: Optional[Sequence[Any]] = None) -> None:
+        self.labels: list[Any] = [] if labels is None else labels_list(labels)
+
+    def add_labels(self, labels: Union[Sequence[Any], torch.Tensor]) -> None:
+        """Append the labels of one eval batch (a tensor, an array or a sequence)."""
+        self.labels.extend(labels_list(labels))
+
+
+def labels_list(labels: Any) -> list[Any]:
+    """Labels of a tensor, an array or a sequence as a Python list."""
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().cpu().tolist()
+    if hasattr(labels, "tolist"):
+        return list(labels.tolist())
+    return list(labels)
+
+
+def detach_value(v: Any) -> Any:
+    """``v`` detached: a tensor, or the tensors of a dict (one level deep or more); anything else as is."""
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, Mapping):
+        return {k: detach_value(x) for k, x in v.items()}
+    return v
