@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from monitors import Monitor  # noqa: E402
-from monitors.records import METRICS_FILE, RECORDS_DIR, STEP_KEY  # noqa: E402
+from monitors.formats.records import METRICS_FILE, RECORDS_DIR, STEP_KEY  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir, read_train_list  # noqa: E402
 from pipeline.loader import TrainFeed  # noqa: E402

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cli_args import positive  # noqa: E402
 
-from monitors.records import METRICS_FILE, RECORDS_DIR, STEP_KEY  # noqa: E402
-from monitors.registry import DEFAULT  # noqa: E402
+from monitors.formats.records import METRICS_FILE, RECORDS_DIR, STEP_KEY  # noqa: E402
+from monitors.core.registry import DEFAULT  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import train  # noqa: E402
 

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cli_args import positive  # noqa: E402
 
 from monitors import hub as hub_module  # noqa: E402
-from monitors.events import STEP_EVENTS  # noqa: E402
-from monitors.registry import DEFAULT  # noqa: E402
+from monitors.core.events import STEP_EVENTS  # noqa: E402
+from monitors.core.registry import DEFAULT  # noqa: E402
 from pipeline import checkpoint as ckpt_module  # noqa: E402
 from pipeline import loader as loader_module  # noqa: E402
 from pipeline.config import load_config  # noqa: E402

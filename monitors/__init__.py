@@ -2,12 +2,12 @@
 
     from monitors import attach, Monitor, MonitorHub, Finding
 """
-from .attaching import attach
-from .base import Monitor
-from .events import EVENTS, RunContext, StepOutputs
-from .finding import Finding
-from .hub import MonitorHub
-from .registry import REGISTRY, build_monitors
+from .attaching.api import attach
+from .core.base import Monitor
+from .core.events import EVENTS, RunContext, StepOutputs
+from .core.finding import Finding
+from .core.hub import MonitorHub
+from .core.registry import REGISTRY, build_monitors
 
 
 __all__ = ["attach", "Monitor", "MonitorHub", "Finding", "RunContext", "StepOutputs", "EVENTS",

@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from monitors import MonitorHub, build_monitors
-from monitors.distributed import rank_and_world
-from monitors.records import RECORDS_DIR
-from monitors.sinks import LocalSink, WandbSink
+from monitors.core.distributed import rank_and_world
+from monitors.formats.sinks import WandbSink, build_sinks
 
 from .config import Config
 from .data import KaldiDir, SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir
@@ -185,16 +184,11 @@ def build_hub(cfg: Config, rank: int, exp_dir: Path, state: Optional[dict[str, A
               ) -> tuple[MonitorHub, Optional[WandbSink]]:
     """The hub with the configured monitors; on rank 0 its sinks: W&B (unless disabled; the same
     run when resuming ``state``) and the local records. Returns (hub, the W&B sink or None)."""
-    sinks: list[Any] = []
-    wandb_sink: Optional[WandbSink] = None
-    if rank == 0:
-        if cfg.wandb_mode != "disabled":
-            wandb_sink = WandbSink(project=cfg.wandb_project, dir=str(exp_dir), mode=cfg.wandb_mode,
-                                   config=cfg.to_dict(), run_id=(state or {}).get("wandb_run_id"),
-                                   resume=state is not None, name=cfg.wandb_name or None,
-                                   group=cfg.wandb_group or None, init_timeout=cfg.wandb_init_timeout)
-            sinks.append(wandb_sink)
-        sinks.append(LocalSink(exp_dir / RECORDS_DIR))
+    sinks, wandb_sink = build_sinks(
+        rank, exp_dir=exp_dir, run=False if cfg.wandb_mode == "disabled" else None, wandb_options=dict(
+            project=cfg.wandb_project, dir=str(exp_dir), mode=cfg.wandb_mode, config=cfg.to_dict(),
+            run_id=(state or {}).get("wandb_run_id"), resume=state is not None, name=cfg.wandb_name or None,
+            group=cfg.wandb_group or None, init_timeout=cfg.wandb_init_timeout))
     hub = MonitorHub(build_monitors(cfg.monitors) + list(extra_monitors or []), sinks=sinks,
                      log_every=cfg.log_every, stop_on_error=cfg.stop_on_error)
     if wandb_sink is not None and cfg.wandb_watch:  # W&B's own gradient/parameter hooks, for comparison

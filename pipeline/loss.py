@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from monitors.distributed import world_size
+from monitors.core.distributed import world_size
 
 __all__ = [
     "sinkhorn_knopp",

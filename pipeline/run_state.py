@@ -13,8 +13,8 @@ from typing import Any, Optional
 import torch
 
 from monitors import MonitorHub, RunContext
-from monitors.codes import PROTO_NONFINITE
-from monitors.sinks import WandbSink
+from monitors.core.codes import PROTO_NONFINITE
+from monitors.formats.sinks import WandbSink
 
 from . import checkpoint as ckpt
 from .config import Config

@@ -1,5 +1,5 @@
 """The reference SDPN training loop. It tells the story in order and emits the monitor events
-of ``monitors.events.EVENTS``; it does not know which monitors exist.
+of ``monitors.core.events.EVENTS``; it does not know which monitors exist.
 
 The pieces it calls: :mod:`pipeline.build` (device, data, networks, optimizer, schedules, the
 monitor hub), :mod:`pipeline.step` (the parts of one optimizer step), :mod:`pipeline.run_state`
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from monitors import RunContext, StepOutputs
-from monitors.sinks import check_online_credentials
+from monitors.formats.sinks import check_online_credentials
 
 from . import checkpoint as ckpt
 from .build import (amp_setup, build_hub, build_loss, build_networks, build_optimizer, finish_distributed,
@@ -156,13 +156,13 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                 average_prototype_grad(prototypes, world, cfg)
                 if scaler:
                     scaler.unscale_(optimizer)         # monitors and clipping see the true gradients
-                hub.emit("on_after_backward", ctx)
+                hub.after_backward(ctx)
                 clip_per_parameter(clip_params, cfg.clip_grad)
                 if step < freeze_steps:
                     freeze_prototypes(cfg, student, prototypes)
-                hub.emit("on_before_optimizer_step", ctx)
+                hub.before_step(ctx)
                 optimizer_step(optimizer, scaler)
-                hub.emit("on_after_optimizer_step", ctx)
+                hub.after_step(ctx)
                 if not cfg.bug_no_ema:
                     ema_update(teacher, student, m, copy_buffers=False)  # as the original: parameters only
 
@@ -174,8 +174,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                     labels=batch["speaker"].to(device, non_blocking=True),
                     schedules={"lr": lr, "wd": wd, "momentum": m},
                 )
-                hub.log_train(outputs.loss, outputs.terms, step, lr=lr, wd=wd, momentum=m, epoch=epoch)
-                hub.emit_with("on_step_end", ctx, outputs=outputs)
+                hub.end_step(outputs, ctx, epoch=epoch)
                 step += 1
                 progress.update(step, hub.last_values)
                 if step % cfg.ckpt_every == 0 and step < total_steps:

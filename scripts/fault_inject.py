@@ -133,7 +133,7 @@ def _newest_good(exp_dir: Path) -> Optional[dict[str, Any]]:
 
 
 def _record_steps(exp_dir: Path) -> set[int]:
-    from monitors.records import METRICS_FILE, RECORDS_DIR, STEP_KEY, read_jsonl
+    from monitors.formats.records import METRICS_FILE, RECORDS_DIR, STEP_KEY, read_jsonl
 
     return {int(r[STEP_KEY]) for r in read_jsonl(exp_dir / RECORDS_DIR / METRICS_FILE)
             if "train/loss" in r and STEP_KEY in r}

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from monitors import Monitor, attach
-from monitors.attached_hub import AttachedHub
-from monitors.resolve import resolve_prototypes
+from monitors.attaching.attached_hub import AttachedHub
+from monitors.attaching.resolve import resolve_prototypes
 from conftest import RecordingSink as RecSink, Recorder, sinkhorn
 
 K, D, IN, B = 16, 8, 12, 32
@@ -93,7 +93,7 @@ def test_monitors_attach_stays_the_function_after_a_call():
 
     import monitors
 
-    module = importlib.import_module("monitors.attaching")
+    module = importlib.import_module("monitors.attaching.api")
 
     student, P, opt = make()
     monitors.attach(opt, P, **opts()).close()

@@ -18,9 +18,9 @@ import pytest
 from conftest import ROOT
 from monitors.dashboard import (build_tsne_gif, heatmap_grid, read_metrics, render_run, sweep_rows,
                                 tsne_frames, watch, write_dashboard)
-from monitors.finding import Finding
-from monitors.media import Histogram, Image
-from monitors.sinks import LocalSink
+from monitors.core.finding import Finding
+from monitors.core.media import Histogram, Image
+from monitors.formats.sinks import LocalSink
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import check_dashboard  # noqa: E402

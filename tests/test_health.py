@@ -22,12 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monitors import MonitorHub, RunContext, StepOutputs
-from monitors import health
-from monitors.health import (
+from monitors.health import doctor as health
+from monitors.health.doctor import (
     CODES, HealthDoctor, check_checkpoint, find_prototypes_in_checkpoint,
     prototype_optimizer_state_in_checkpoint,
 )
-from monitors.registry import build_monitors
+from monitors.core.registry import build_monitors
 from conftest import RecordingSink as FakeSink, sinkhorn
 
 K, D, IN, B = 16, 8, 4, 8

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, RecordingSink as FakeSink
 from monitors import Finding, Monitor, MonitorHub, RunContext, build_monitors
-from monitors.media import Histogram
+from monitors.core.media import Histogram
 
 
 class Counter(Monitor):

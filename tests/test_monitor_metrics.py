@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from monitors.deltas import DeltaMonitor
-from monitors.events import RunContext, StepOutputs
-from monitors.evolution import EvolutionMonitor
-from monitors.gradients import GradientMonitor
-from monitors.hub import MonitorHub
-from monitors.media import Histogram, Image, VectorStat, reduce_rows
-from monitors.norms import NormMonitor
-from monitors.registry import build_monitors
-from monitors.similarity import SimilarityMonitor
-from monitors.usage import UsageMonitor
+from monitors.plugins.deltas import DeltaMonitor
+from monitors.core.events import RunContext, StepOutputs
+from monitors.plugins.evolution import EvolutionMonitor
+from monitors.plugins.gradients import GradientMonitor
+from monitors.core.hub import MonitorHub
+from monitors.core.media import Histogram, Image, VectorStat, reduce_rows
+from monitors.plugins.norms import NormMonitor
+from monitors.core.registry import build_monitors
+from monitors.plugins.similarity import SimilarityMonitor
+from monitors.plugins.usage import UsageMonitor
 from conftest import RecordingSink
 
 NAMES = ["norms", "gradients", "deltas", "usage", "similarity", "evolution"]
@@ -269,7 +269,7 @@ def test_evolution_warm_figures_draw_what_fresh_ones_do():
     """on_train_start makes and draws both figures before training; a render afterwards (with
     another y label) gives the very pixels of a figure made for it, and the next render draws
     the new data into the same figure."""
-    from monitors.evolution import _Heatmap
+    from monitors.plugins.evolution import _Heatmap
     steps, data = [0, 10, 20], np.arange(12, dtype=np.float64).reshape(4, 3)
     fresh = _Heatmap("c").render(steps, data, "t at 20", "rank (4 of 4)")
     warm = _Heatmap("c")

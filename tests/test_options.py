@@ -1,8 +1,8 @@
 """The shared option checks and the cadence rule."""
 import pytest
 
-from monitors.cadence import Every, on_multiple
-from monitors.options import number_in, one_of, optional_positive_int, positive_int
+from monitors.core.cadence import Every, on_multiple
+from monitors.core.options import number_in, one_of, optional_positive_int, positive_int
 
 
 def test_option_checks_name_owner_option_and_value():

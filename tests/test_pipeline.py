@@ -28,7 +28,7 @@ def test_training_end_to_end_through_real_wandb(micro):
     cfg = load_config(TINY, micro + ["max_steps=6", "ckpt_every=4"])
     res = train(cfg, extra_monitors=[rec])
     assert res["step"] == 6
-    # the exact event sequence of monitors.events.EVENTS
+    # the exact event sequence of monitors.core.events.EVENTS
     per_step = ["on_after_backward", "on_before_optimizer_step", "on_after_optimizer_step", "on_step_end"]
     expected = [("on_train_start", 0)]
     for s in range(6):

@@ -3,7 +3,7 @@
 What is checked, and the conventions the README follows for it:
 
 - **Metric names** (the table ``| name | what it logs |`` under "## Monitors"): one row per name
-  of ``monitors.registry.REGISTRY``; the backticked tokens of a row of the form ``namespace/...``
+  of ``monitors.core.registry.REGISTRY``; the backticked tokens of a row of the form ``namespace/...``
   are metric names, and after brace expansion (``proto/norm/{mean,min}`` is ``proto/norm/mean`` and
   ``proto/norm/min``) they are exactly that monitor's ``metrics`` tuple. A part that comes from
   the run is written in angle brackets, the same in the README and in the code:
@@ -11,20 +11,20 @@ What is checked, and the conventions the README follows for it:
 - **Hub keys** (the table ``| key written by the hub | in | what it is |``): its ``history`` rows
   are ``MonitorHub.metrics``, its ``summary`` rows ``MonitorHub.summary_keys`` (the keys of
   ``MonitorHub.health_summary()``).
-- **Declared means used**: in the module of every registered monitor and in ``monitors/hub.py``,
+- **Declared means used**: in the module of every registered monitor and in ``monitors/core/hub.py``,
   every string literal that is a metric name (``proto/...``, ``grad/...``, ``perf/...``,
   ``health/...``) is declared by a class of that module, and no metric name is built with an
   f-string (fill a placeholder of a declared literal instead).
 - **Events** (the table ``| event | when | what the context holds |``): exactly
-  ``monitors.events.EVENTS``, in order; the extra hooks (``on_log``, ``on_collective``) are named
+  ``monitors.core.events.EVENTS``, in order; the extra hooks (``on_log``, ``on_collective``) are named
   in the same section.
 - **Finding codes** (the table ``| code | severity | fires when | fix |`` under "### Findings"):
-  exactly the codes of ``monitors.codes.CODES``, once each; the first word of the severity cell is
+  exactly the codes of ``monitors.core.codes.CODES``, once each; the first word of the severity cell is
   the code's default severity. Every code-like word anywhere in the README (``PROTO_*``,
   ``TEACHER_*``, ``*_FAILED``, and every upper-case backticked name in the findings gallery and
   the bug-reproduction table) is a code. Every code is raised somewhere: it is an argument of a
   call (``self.report(ctx, CODE, ...)``, ``Finding(CODE, ...)``) in ``monitors/`` or
-  ``pipeline/`` outside ``monitors/codes.py``.
+  ``pipeline/`` outside ``monitors/core/codes.py``.
 
 - **Where each thing lives** (the Architecture section): the monitor map ``| monitor | file |
   class |`` names each registered monitor's module and class; the findings map ``| codes | file
@@ -45,10 +45,10 @@ from pathlib import Path
 
 import pytest
 
-from monitors.codes import CODES
-from monitors.events import EVENTS, EXTRA_HOOKS
-from monitors.hub import MonitorHub
-from monitors.registry import REGISTRY, monitor_class
+from monitors.core.codes import CODES
+from monitors.core.events import EVENTS, EXTRA_HOOKS
+from monitors.core.hub import MonitorHub
+from monitors.core.registry import REGISTRY, monitor_class
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -152,7 +152,7 @@ def test_metric_table_lists_every_monitor_and_exactly_its_declared_names():
         assert name not in by_name, f"monitor {name!r} has two rows in the README's metric table"
         by_name[name] = metric_names(cells[1])
     assert set(by_name) == set(REGISTRY), diff_message(
-        "monitors of the README's metric table", set(by_name), set(REGISTRY), "monitors.registry.REGISTRY")
+        "monitors of the README's metric table", set(by_name), set(REGISTRY), "monitors.core.registry.REGISTRY")
     for name, listed in by_name.items():
         cls = monitor_class(name)
         declared = set(cls.metrics)
@@ -177,7 +177,7 @@ def test_hub_table_lists_exactly_the_hub_keys():
 def _declaring_modules() -> dict[str, set[str]]:
     """Module file -> the metric names its classes declare (``metrics``, ``summary_keys``)."""
     out: dict[str, set[str]] = {}
-    for target in list(REGISTRY.values()) + ["monitors.hub:MonitorHub"]:
+    for target in list(REGISTRY.values()) + ["monitors.core.hub:MonitorHub"]:
         module = importlib.import_module(target.split(":")[0])
         names = out.setdefault(module.__file__, set())
         for obj in vars(module).values():
@@ -207,7 +207,7 @@ def test_event_table_lists_exactly_the_events_in_order():
     rows = table(MONITORS_SECTION, ["event", "when", "what the context holds"])
     listed = [backticked(cells[0])[0] for cells in rows]
     assert set(listed) == set(EVENTS), diff_message(
-        "events of the README's event table", set(listed), set(EVENTS), "monitors.events.EVENTS")
+        "events of the README's event table", set(listed), set(EVENTS), "monitors.core.events.EVENTS")
     assert listed == list(EVENTS), f"the README's event table is not in the order of EVENTS: {listed}"
     for hook in EXTRA_HOOKS:
         assert f"`{hook}" in MONITORS_SECTION, f"the extra hook {hook} is not named in the README's Monitors section"
@@ -220,13 +220,13 @@ def test_findings_table_lists_exactly_the_codes_with_their_severity():
     twice = sorted({c for c in listed if listed.count(c) > 1})
     assert not twice, f"codes with two rows in the README's findings table: {', '.join(twice)}"
     assert set(listed) == set(CODES), diff_message(
-        "codes of the README's findings table", set(listed), set(CODES), "monitors/codes.py")
+        "codes of the README's findings table", set(listed), set(CODES), "monitors/core/codes.py")
     for cells in rows:
         code = backticked(cells[0])[0]
         severity = re.match(r"[a-z]+", cells[1])
         assert severity is not None and severity.group() == CODES[code].severity, (
             f"{code}: the README's severity {cells[1]!r} does not begin with {CODES[code].severity!r} "
-            "(monitors/codes.py)")
+            "(monitors/core/codes.py)")
 
 
 @pytest.mark.parametrize("where", ["### Findings gallery: bugs that real trainers ship",
@@ -235,12 +235,12 @@ def test_sections_that_cite_codes_cite_existing_ones(where):
     cited = {tok for tok in backticked(section(where)) if UPPER_NAME.fullmatch(tok)}
     assert cited, f"no code cited in {where!r}: the test reads the wrong section"
     unknown = cited - set(CODES)
-    assert not unknown, f"{where!r} cites codes that monitors/codes.py does not define: {', '.join(sorted(unknown))}"
+    assert not unknown, f"{where!r} cites codes that monitors/core/codes.py does not define: {', '.join(sorted(unknown))}"
 
 
 def test_every_code_word_in_the_readme_is_a_code():
     unknown = set(CODE_WORD.findall(README)) - set(CODES)
-    assert not unknown, f"README.md names codes that monitors/codes.py does not define: {', '.join(sorted(unknown))}"
+    assert not unknown, f"README.md names codes that monitors/core/codes.py does not define: {', '.join(sorted(unknown))}"
 
 
 def test_every_code_is_raised_outside_codes_py():
@@ -286,7 +286,7 @@ def test_findings_map_names_a_file_that_raises_each_code():
         for code in backticked(codes_cell):
             assert code not in seen, f"{code} is in two rows of the findings map"
             seen[code] = files[0]
-    assert set(seen) == set(CODES), diff_message("findings map", set(seen), set(CODES), "monitors/codes.py")
+    assert set(seen) == set(CODES), diff_message("findings map", set(seen), set(CODES), "monitors/core/codes.py")
     for code, path in seen.items():
         assert re.search(rf"\b{code}\b", (ROOT / path).read_text()), f"{path} does not hold {code}"
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import RecordingSink
+from conftest import Recorder, RecordingSink
 from monitors import RunContext, attach, build_monitors
-from monitors.health import HealthDoctor
-from monitors.proto_stats import assignment_rows, block_rows, row_distances, row_sample
+from monitors.health.doctor import HealthDoctor
+from monitors.core.proto_stats import assignment_rows, block_rows, row_distances, row_sample
 
 
 def _run(K: int, D: int, steps: int, full: tuple[int, int] | None = None, **options):
@@ -230,18 +230,17 @@ def test_large_k_capture_reads_the_first_rows_and_still_sees_collapse():
     P = torch.nn.Parameter(torch.randn(K, D))
     opt = torch.optim.SGD([*model.parameters(), P], lr=0.1)
     sink = RecordingSink()
+    rec = Recorder()  # what the monitors read in on_step_end
     hub = attach(opt, P, model=model, run=False, sinks=[sink], console=None, log_every=10,
-                 monitors=["usage", "health"])
-    seen = []  # the shapes of the derived assignments the monitors read
+                 monitors=["usage", "health", rec])
     for _ in range(20):
         z = torch.nn.functional.normalize(model(torch.ones(N, 4)), dim=-1)  # every input: one output
         loss = -(z @ torch.nn.functional.normalize(P, dim=-1).T).amax(dim=1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if hub.ctx.outputs is not None and hub.ctx.outputs.student_probs is not None:
-            seen.append(tuple(hub.ctx.outputs.student_probs.shape))
     hub.close()
+    seen = [tuple(o.student_probs.shape) for o in rec.outputs if o is not None and o.student_probs is not None]
     assert seen and set(seen) == {(rows, K)}, seen
     marked = {s: r["proto/usage/sampled"] for s, r in sink.rows if "proto/usage/sampled" in r}
     assert marked and set(marked.values()) == {float(rows)} and all(s % 5 == 0 for s in marked)

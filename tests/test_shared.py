@@ -9,7 +9,7 @@ import torch
 
 from conftest import RecordingSink
 from monitors import MonitorHub, RunContext, attach, build_monitors
-from monitors.media import VECTOR_STATS, VectorStat
+from monitors.core.media import VECTOR_STATS, VectorStat
 
 
 def test_vector_stats_are_reduced_per_step_at_the_flush():
@@ -133,7 +133,7 @@ def test_update_in_place_of_the_snapshot_is_read_once_and_retaken_next_step():
 
 
 def test_row_entropy_matches_torch_special_entr():
-    from monitors.health_interval import _row_entropy
+    from monitors.health.interval_checks import _row_entropy
 
     torch.manual_seed(0)
     m = torch.softmax(torch.randn(6, 9) * 4, dim=1)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, wandb_records
-from monitors.sweep_state import sweep_rows as summarize_sweep
+from monitors.formats.sweep_state import sweep_rows as summarize_sweep
 from pipeline.cli import main as cli_main
 from pipeline.sweep import (build_command, grid_points, heatmap_grid, load_sweep, registered_config,
                             run_sweep, trial_name)

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from monitors import MonitorHub
-from monitors.events import RunContext, StepOutputs
-from monitors.media import Image, Table
+from monitors.core.events import RunContext, StepOutputs
+from monitors.core.media import Image, Table
 from monitors.dashboard import build_tsne_gif
-from monitors.tsne import TSNEMonitor
-from monitors.tsne_frame import align
+from monitors.tsne.monitor import TSNEMonitor
+from monitors.tsne.frame import align
 from conftest import RecordingSink
 
 K, D, N, S = 40, 16, 60, 4  # prototypes, dimension, embeddings, speakers
@@ -202,7 +202,7 @@ def test_background_frames_never_block_training_and_arrive_at_close(tmp_path):
 
 
 def test_worker_errors_come_back_as_exceptions_without_hanging():
-    from monitors.tsne_worker import BackgroundWorker as _BackgroundWorker
+    from monitors.tsne.worker import BackgroundWorker as _BackgroundWorker
 
     worker = _BackgroundWorker()
     try:

@@ -3,9 +3,9 @@
     python -m monitors dashboard runs/sdpn_tiny            # -> runs/sdpn_tiny/dashboard.html
     python -m monitors dashboard runs/sweep_np_od --watch  # rewrite every 10 s while it runs
 
-The dashboard reads the files a run leaves in its ``exp_dir`` through :mod:`monitors.records`
+The dashboard reads the files a run leaves in its ``exp_dir`` through :mod:`monitors.formats.records`
 (the records format: metrics, media, findings, summary, t-SNE frames) and, for a sweep, the
-sweep directory through :mod:`monitors.sweep_state`. It never imports ``pipeline/`` and needs
+sweep directory through :mod:`monitors.formats.sweep_state`. It never imports ``pipeline/`` and needs
 neither W&B nor a network: images are embedded as base64 ``data:`` URIs, curves are inline SVG
 drawn here, and the page has no script at all, so it opens from a file, a mail attachment or a
 CI artefact.
@@ -17,8 +17,8 @@ animation), ``run_page`` and ``sweep_page`` (the two pages), ``watching`` (writi
 """
 from __future__ import annotations
 
-from ..records import final_values, latest_media, read_json, read_jsonl, read_metrics, tsne_frames
-from ..sweep_state import HEALTH_METRICS, STATE_FILE, SUMMARY_KEYS, is_sweep_dir, read_sweep_state, sweep_rows
+from ..formats.records import final_values, latest_media, read_json, read_jsonl, read_metrics, tsne_frames
+from ..formats.sweep_state import HEALTH_METRICS, STATE_FILE, SUMMARY_KEYS, is_sweep_dir, read_sweep_state, sweep_rows
 from .charts import svg_chart, svg_histogram
 from .heatmaps import heatmap_axes, heatmap_grid, heatmap_metrics, render_heatmap
 from .page import DEFAULT_NAME
@@ -30,6 +30,6 @@ from .watching import looks_finished, watch, write_dashboard
 __all__ = ["write_dashboard", "watch", "looks_finished", "render_run", "render_sweep", "build_tsne_gif",
            "heatmap_grid", "heatmap_axes", "heatmap_metrics", "render_heatmap", "svg_chart", "svg_histogram",
            "DEFAULT_NAME", "MAIN_CURVES", "EVOLUTION_KEYS",
-           # the readers, re-exported for old imports (their owners: monitors.records, monitors.sweep_state)
+           # the readers, re-exported for old imports (their owners: monitors.formats.records, monitors.formats.sweep_state)
            "read_jsonl", "read_json", "read_metrics", "final_values", "latest_media", "tsne_frames",
            "is_sweep_dir", "read_sweep_state", "sweep_rows", "STATE_FILE", "HEALTH_METRICS", "SUMMARY_KEYS"]

@@ -9,8 +9,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..records import atomic_write_bytes, to_float
-from ..sweep_state import HEALTH_METRICS
+from ..formats.records import atomic_write_bytes, to_float
+from ..formats.sweep_state import HEALTH_METRICS
 from .page import fmt
 
 

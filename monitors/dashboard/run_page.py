@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ..records import (STEP_KEY, TSNE_DIR, TSNE_GIF, latest_media, read_findings, read_histogram, read_metrics,
+from ..formats.records import (STEP_KEY, TSNE_DIR, TSNE_GIF, latest_media, read_findings, read_histogram, read_metrics,
                        read_summary, records_dir, to_float, tsne_frames)
 from .charts import svg_chart, svg_histogram
 from .page import Raw, cards, data_uri, img, page, table

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..records import read_metrics, records_dir
-from ..sweep_state import best_trial, read_sweep_state, sweep_metric, sweep_rows, trial_dir
+from ..formats.records import read_metrics, records_dir
+from ..formats.sweep_state import best_trial, read_sweep_state, sweep_metric, sweep_rows, trial_dir
 from .charts import svg_chart
 from .heatmaps import heatmap_axes, heatmap_grid, heatmap_metrics, render_heatmap
 from .page import DEFAULT_NAME, Raw, cards, fmt, img, page, png_uri, table

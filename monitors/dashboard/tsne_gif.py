@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..records import TSNE_DIR, TSNE_GIF, atomic_write_bytes, tsne_frames
+from ..formats.records import TSNE_DIR, TSNE_GIF, atomic_write_bytes, tsne_frames
 
 
 def build_tsne_gif(exp_dir: str | os.PathLike, duration_ms: int = 600,

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..records import TSNE_DIR, TSNE_GIF, atomic_write_bytes, read_summary, records_dir
-from ..sweep_state import STATE_FILE, SUMMARY_CSV, TRIALS_DIR, is_sweep_dir, read_sweep_state
+from ..formats.records import TSNE_DIR, TSNE_GIF, atomic_write_bytes, read_summary, records_dir
+from ..formats.sweep_state import STATE_FILE, SUMMARY_CSV, TRIALS_DIR, is_sweep_dir, read_sweep_state
 from .page import DEFAULT_NAME
 from .run_page import render_run
 from .sweep_page import render_sweep

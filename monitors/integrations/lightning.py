@@ -24,7 +24,7 @@ on_save_checkpoint           on_save_checkpoint via ``hub.check_checkpoint(check
 on_train_end / on_exception  on_train_end, flush, close
 ============================ ==========================================================================
 
-``training_step`` may return a dict: ``loss`` plus any :class:`~monitors.events.StepOutputs` field
+``training_step`` may return a dict: ``loss`` plus any :class:`~monitors.core.events.StepOutputs` field
 (``student_probs``, ``teacher_targets``, ``projections``, ``embeddings``, ``labels``, ``terms``,
 ``schedules``); other 0-dim tensors go to ``terms``. ``capture="module"`` works as in
 :func:`monitors.attach`.
@@ -43,11 +43,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "monitors.integrations.lightning needs Lightning 2.x: pip install lightning"
     ) from exc
 
-from ..attached_hub import AttachedHub
-from ..attaching import OPTIONS, build_hub, split_options
-from ..events import StepOutputs
-from ..registry import MonitorSpec
-from ..resolve import resolve_prototypes
+from ..attaching.attached_hub import AttachedHub
+from ..attaching.api import OPTIONS, build_hub, split_options
+from ..core.events import StepOutputs
+from ..core.registry import MonitorSpec
+from ..attaching.resolve import resolve_prototypes
 
 _FIELDS = set(StepOutputs.__dataclass_fields__)
 #: rows of validation projections kept for one on_embeddings (the t-SNE subsamples further)

@@ -58,7 +58,7 @@ Modules
     (the local launch loop), ``summary`` (table, CSV, Markdown, heatmaps, sweep-summary run),
     ``wandb_agent`` (W&B mode and the per-trial launcher), ``cli`` (``python -m pipeline sweep``).
     The sweep directory's format (state file, status files, summary rows) belongs to
-    :mod:`monitors.sweep_state`, the trials' records to :mod:`monitors.records`.
+    :mod:`monitors.formats.sweep_state`, the trials' records to :mod:`monitors.formats.records`.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from monitors.sweep_state import TRIAL_LOG, TRIALS_DIR, SweepStateWriter
+from monitors.formats.sweep_state import TRIAL_LOG, TRIALS_DIR, SweepStateWriter
 
 from .proposers import make_proposer
 from .spec import (DEFAULT_COMMAND, TRIAL_DEFAULTS, SweepError, constants, default_out, load_sweep, params_key,

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from monitors.sweep_state import DEFAULT_METRIC
+from monitors.formats.sweep_state import DEFAULT_METRIC
 
 from ..config import read_yaml_mapping
 

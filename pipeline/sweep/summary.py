@@ -1,5 +1,5 @@
 """The summary of a sweep: the printed table, ``summary.csv``, ``summary.md``, the heatmaps, and
-the W&B offline run of job type ``sweep-summary``. The rows come from :mod:`monitors.sweep_state`."""
+the W&B offline run of job type ``sweep-summary``. The rows come from :mod:`monitors.formats.sweep_state`."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from monitors.dashboard import heatmap_axes, heatmap_grid, heatmap_metrics, render_heatmap
-from monitors.sweep_state import SUMMARY_CSV, SUMMARY_MD, best_trial, read_sweep_state, sweep_metric, sweep_rows
+from monitors.formats.sweep_state import SUMMARY_CSV, SUMMARY_MD, best_trial, read_sweep_state, sweep_metric, sweep_rows
 
 
 def _cell(v: Any) -> str:

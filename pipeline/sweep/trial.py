@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from monitors.records import RECORDS_DIR
-from monitors.sweep_state import TRIAL_LOG, trial_metric
+from monitors.formats.records import RECORDS_DIR
+from monitors.formats.sweep_state import TRIAL_LOG, trial_metric
 
 from .spec import SweepError, params_key
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import yaml
 
-from monitors.sweep_state import TRIAL_LOG, TRIALS_DIR, write_status
+from monitors.formats.sweep_state import TRIAL_LOG, TRIALS_DIR, write_status
 
 from .spec import DEFAULT_COMMAND, SWEEP_KEYS, SweepError, default_out, load_sweep
 from .summary import write_summary

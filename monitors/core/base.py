@@ -32,14 +32,22 @@ class Monitor:
     def __init__(self, every_n_steps: Optional[int] = None) -> None:
         if every_n_steps is not None:
             self.every_n_steps = positive_int(type(self).__name__, "every_n_steps", every_n_steps)
-        self._pending_findings: list[Finding] = []
+        self._pending_findings: list[tuple[Finding, Any]] = []
 
     # -- findings ---------------------------------------------------------------------------
-    def report(self, ctx: RunContext, code: str, severity: str, message: str) -> None:
-        """Record a finding at the current step; the hub collects it after the hook returns."""
-        self._pending_findings.append(Finding(code, severity, int(ctx.step), message))
+    def report(self, ctx: RunContext, code: str, severity: str, message: str, key: Any = None) -> None:
+        """Report a finding at the current step. It is reported once per ``code`` and ``key``
+        (default: the severity, so an ``info`` may still be followed by an ``error`` of the same
+        code): the hub collects it after the hook returns and drops repeats, its one
+        deduplication (:meth:`MonitorHub.add_finding <monitors.core.hub.MonitorHub.add_finding>`)."""
+        self._pending_findings.append((Finding(code, severity, int(ctx.step), message), key))
 
     def pop_findings(self) -> list[Finding]:
+        """The findings reported since the last call (repeats not yet dropped)."""
+        return [f for f, _ in self.pop_reports()]
+
+    def pop_reports(self) -> list[tuple[Finding, Any]]:
+        """The (finding, key) pairs reported since the last call: what the hub collects."""
         out, self._pending_findings = self._pending_findings, []
         return out
 

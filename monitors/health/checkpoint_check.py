@@ -10,8 +10,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from .codes import PROTO_NOT_IN_CHECKPOINT, PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT
-from .finding import Finding
+from ..core.codes import PROTO_NOT_IN_CHECKPOINT, PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT
+from ..core.finding import Finding
 from .optimizer_lookup import locate, same_storage
 
 __all__ = ["find_prototypes_in_checkpoint", "prototype_optimizer_state_in_checkpoint", "check_checkpoint"]

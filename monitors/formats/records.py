@@ -32,8 +32,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .finding import Finding
-from .media import Histogram, Image, Table
+from ..core.finding import Finding
+from ..core.media import Histogram, Image, Table
 
 STEP_KEY = "trainer/step"
 RECORDS_DIR = "records"

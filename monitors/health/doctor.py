@@ -1,15 +1,15 @@
 """The health doctor: diagnoses why prototypes do not train, and says how to fix it.
 
-Every diagnosis is a :class:`~monitors.finding.Finding` with a stable code from
-:data:`monitors.codes.CODES`. Static facts (leaf, requires_grad, param group, lr) are read from
-Python attributes (:mod:`monitors.health_static`); dynamic facts (value unchanged after the step,
+Every diagnosis is a :class:`~monitors.core.finding.Finding` with a stable code from
+:data:`monitors.core.codes.CODES`. Static facts (leaf, requires_grad, param group, lr) are read from
+Python attributes (:mod:`monitors.health.static_checks`); dynamic facts (value unchanged after the step,
 NaN/Inf, collapse, ranks disagreeing) are accumulated in small tensors on the device during the
 step and read once per log interval, where one named method judges each finding
-(:mod:`monitors.health_interval`), so the per-step hooks never synchronise with the GPU. The
-checkpoint check lives in :mod:`monitors.checkpoint_check`.
+(:mod:`monitors.health.interval_checks`), so the per-step hooks never synchronise with the GPU. The
+checkpoint check lives in :mod:`monitors.health.checkpoint_check`.
 
 This module holds the :class:`HealthDoctor` monitor's hooks, and re-exports the codes and the
-checkpoint helpers for ``from monitors.health import ...``.
+checkpoint helpers for ``from monitors.health.doctor import ...``.
 """
 from __future__ import annotations
 
@@ -18,20 +18,20 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .base import Metrics, Monitor
-from .cadence import Every, on_multiple
+from ..core.base import Metrics, Monitor
+from ..core.cadence import Every, on_multiple
 from .checkpoint_check import check_checkpoint, find_prototypes_in_checkpoint, prototype_optimizer_state_in_checkpoint
-from .codes import (CODES, PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED,
+from ..core.codes import (CODES, PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED,
                     PROTO_LR_ZERO, PROTO_NO_GRAD, PROTO_NONFINITE, PROTO_NORM_OUT_OF_RANGE, PROTO_NOT_IN_CHECKPOINT,
                     PROTO_NOT_IN_OPTIMIZER, PROTO_NOT_LEAF, PROTO_NOT_UPDATING, PROTO_REPLICAS_DIVERGED, SINK_FAILED,
                     TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT, fix_of)
-from .distributed import world_size
-from .events import RunContext
-from .health_interval import DEVICE_STATE, IntervalJudge
-from .health_static import StaticChecks
+from ..core.distributed import world_size
+from ..core.events import RunContext
+from .interval_checks import DEVICE_STATE, IntervalJudge
+from .static_checks import StaticChecks
 from .optimizer_lookup import ProtoGroup
-from .options import number_in, positive_int
-from .proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
+from ..core.options import number_in, positive_int
+from ..core.proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 __all__ = ["HealthDoctor", "CODES", "check_checkpoint", "find_prototypes_in_checkpoint",
            "prototype_optimizer_state_in_checkpoint", "PROTO_NOT_LEAF", "PROTO_NO_GRAD", "PROTO_NOT_IN_OPTIMIZER",
@@ -143,7 +143,6 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self.lr_zero_steps = 0       # consecutive steps with lr 0 in the prototypes' group only
         self.collapse_intervals = 0  # consecutive collapsed log intervals
         self.collapse_checked = 0    # steps checked for collapse in this interval
-        self._reported: set[tuple[str, str]] = set()
         # consecutive-step counters, kept on the host and advanced at the log interval from the
         # observations below: current run and longest run since the last on_log
         self.stuck_run = self.stuck_longest = 0  # gradient non-zero, value unchanged by step()
@@ -175,14 +174,6 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self._proj: Optional[torch.Tensor] = None
         self.checkpoint_findings: Optional[tuple[int, list]] = None  # (id of the checkpoint, its findings)
 
-    # -- small helpers ----------------------------------------------------------------------
-    def _say(self, ctx: RunContext, code: str, severity: str, message: str) -> None:
-        """Report once per (code, severity); the hub deduplicates too, this skips the work."""
-        if (code, severity) in self._reported:
-            return
-        self._reported.add((code, severity))
-        self.report(ctx, code, severity, message)
-
     # -- hooks --------------------------------------------------------------------------------
     def on_train_start(self, ctx: RunContext) -> Metrics:
         """The static checks at the start: leaf, requires_grad, optimizer membership, finite values."""
@@ -190,13 +181,13 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self._check_not_leaf(ctx)
         if not P.requires_grad:
             if ctx.freeze_steps > 0:
-                self._say(ctx, PROTO_NO_GRAD, "info", (
+                self.report(ctx, PROTO_NO_GRAD, "info", (
                     f"the prototypes have requires_grad=False at the start; freeze_steps="
                     f"{ctx.freeze_steps}, so this is taken as an intended freeze. Set "
                     "prototypes.requires_grad_(True) when the freeze ends."
                 ))
             else:
-                self._say(ctx, PROTO_NO_GRAD, "error", (
+                self.report(ctx, PROTO_NO_GRAD, "error", (
                     "the prototypes have requires_grad=False, so they never get a gradient. Fix: "
                     "create them as nn.Parameter(x) (or call prototypes.requires_grad_(True)) before "
                     "building the optimizer."
@@ -204,7 +195,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self._check_optimizer(ctx)
         # non-step event: reading device values is allowed
         if not bool(torch.isfinite(P.detach()).all()):
-            self._say(ctx, PROTO_NONFINITE, "error", (
+            self.report(ctx, PROTO_NONFINITE, "error", (
                 f"the prototypes hold NaN/Inf before training starts: check their initialisation. "
                 f"Fix: {fix_of(PROTO_NONFINITE)}."
             ))
@@ -220,7 +211,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
             self._collective_started = True
             gap = float(self._replica_gap(P))
             if gap > self.sync_tol:
-                self._say(ctx, PROTO_REPLICAS_DIVERGED, "error", (
+                self.report(ctx, PROTO_REPLICAS_DIVERGED, "error", (
                     f"the ranks start from different prototypes (relative fingerprint gap {gap:.3g}): "
                     "initialise them identically: seed every rank the same (torch.manual_seed(seed)) "
                     "before creating them, or broadcast them from rank 0 after creating them: "
@@ -313,7 +304,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         scale = x.norm(dim=1).mean().clamp_min(1e-12)
         rel = float(spread / scale)  # note: a sync point; embeddings events only
         if rel <= self.collapse_embed_tol:
-            self._say(ctx, PROTO_COLLAPSE, "warning", (
+            self.report(ctx, PROTO_COLLAPSE, "warning", (
                 f"the {x.shape[0]} embeddings logged at step {ctx.step} are (near-)identical (each within "
                 f"{rel:.2g} of their norm from their mean): every input maps to the same output, the "
                 "one-prototype kind of collapse. Fix: balance the targets (Sinkhorn, centering), keep the "
@@ -336,17 +327,17 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         return None
 
     def _check_checkpoint(self, ctx: RunContext, loaded: bool) -> None:
-        """The checkpoint check (:func:`monitors.checkpoint_check.check_checkpoint`, the optimizer
+        """The checkpoint check (:func:`monitors.health.checkpoint_check.check_checkpoint`, the optimizer
         state included); its answer stays in :attr:`checkpoint_findings` for ``hub.check_checkpoint``."""
         found = check_checkpoint(ctx.checkpoint, ctx.prototypes, step=ctx.step, loaded=loaded,
                                  name=ctx.extra.get("prototypes_name"), optimizer=ctx.optimizer)
         self.checkpoint_findings = (id(ctx.checkpoint), found)
         for f in found:
-            self._say(ctx, f.code, f.severity, f.message)
+            self.report(ctx, f.code, f.severity, f.message)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The counters, the reported codes and the device accumulators (on the CPU)."""
+        """The counters and the device accumulators (on the CPU); the hub keeps what was reported."""
         if self._obs_gnorm or self._obs_stuck or self._obs_rows:  # read what the steps observed
             obs, n_g, n_s = self._observations((self._obs_gnorm or self._obs_stuck or self._obs_rows)[0].device)
             self._advance(obs.cpu().tolist(), n_g, n_s)
@@ -358,7 +349,6 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
             "lr_zero_steps": self.lr_zero_steps,
             "collapse_intervals": self.collapse_intervals,
             "collapse_checked": self.collapse_checked,
-            "reported": sorted([c, s] for c, s in self._reported),
             "device": {k: v.detach().cpu().clone() for k, v in self._dev.items()},
         }
 
@@ -368,7 +358,6 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         self.lr_zero_steps = int(state.get("lr_zero_steps", 0))
         self.collapse_intervals = int(state.get("collapse_intervals", 0))
         self.collapse_checked = int(state.get("collapse_checked", 0))
-        self._reported = {(c, s) for c, s in state.get("reported", [])}
         dev = state.get("device", {})
         # the counters; older monitor states kept them on the device
         self.stuck_run = int(state.get("stuck_run", dev.get("stuck", 0)))

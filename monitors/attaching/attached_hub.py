@@ -1,5 +1,5 @@
 """The hub that :func:`monitors.attach` returns: a :class:`MonitorHub` driving its own events
-from PyTorch's hooks on a foreign loop (see :mod:`monitors.attaching` for which hook gives which
+from PyTorch's hooks on a foreign loop (see :mod:`monitors.attaching.api` for which hook gives which
 event)."""
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .cadence import Every
-from .capture import INPUT, Discovery, soft_assignments, stack_outputs
-from .checkpoint_check import check_checkpoint
-from .events import RunContext, StepOutputs
-from .finding import Finding
-from .hub import MonitorHub, _print_console
-from .options import number_in, optional_positive_int, positive_int
-from .proto_stats import assignment_rows
+from ..core.cadence import Every
+from ..core.grad_scaling import find_grad_scaler, is_scaling
+from .capture import INPUT, CaptureChoice, Discovery, EvalCapture, detach_value, soft_assignments, stack_outputs
+from ..health.checkpoint_check import check_checkpoint
+from ..core.events import RunContext, StepOutputs
+from ..core.finding import Finding
+from ..core.hub import MonitorHub, _print_console
+from ..core.options import number_in, optional_positive_int, positive_int
+from ..core.proto_stats import assignment_rows
 
 __all__ = ["AttachedHub"]
 
@@ -76,25 +77,33 @@ class AttachedHub(MonitorHub):
         self._assign: Optional[torch.Tensor] = None  # (N, K) derived at the pre-step hook
         self._group_index: Optional[int] = None
         self._started = False
+        # torch.amp.GradScaler (monitors/core/grad_scaling.py): found on the call stack; with it the
+        # gradient work waits for optimizer.step(), where the gradients are unscaled
+        self._scaler: Any = None
+        self._scaler_checked = False      # the backward-time search is over (a step was taken)
+        self._boundary: Optional[tuple[int, dict[str, Any]]] = None  # chunks, outputs at the last boundary
+        self.skipped_steps = 0            # steps GradScaler skipped on inf/NaN: not counted, not logged
         self._discovery: Optional[Discovery] = (
-            Discovery(self, ctx.model) if auto_capture and capture is None and isinstance(ctx.model, nn.Module) else None)
+            Discovery(ctx.model, ctx.prototypes, self._install_capture, teacher=ctx.teacher) if auto_capture and capture is None and isinstance(ctx.model, nn.Module) else None)
         self._install_hooks(optimizer_hooks=install_hooks)
 
-    def _say_capture(self, line: str) -> None:
-        if self.console is not None and self.ctx.is_main_process:
-            self.console(line)
 
     def _capture_due(self) -> bool:
         """Whether the training-mode outputs of the current step are captured (``capture_every``)."""
         return self._capture_cadence.due(self.ctx.step)
 
-    def _set_capture(self, module: nn.Module, name: str, key: Any, chunks: list[torch.Tensor]) -> None:
-        """Capture ``module``'s output (or input: ``key == INPUT``) from now on; ``chunks`` are its
-        outputs already seen in this step."""
-        self._capture = (module, name if key is None else f"{name}:{key}", key)
-        self._handles.append(module.register_forward_hook(self._on_forward))
+    def _install_capture(self, choice: CaptureChoice) -> None:
+        """Say what the automatic capture chose and capture it from now on (``choice.chunks``:
+        what it already gave in this step)."""
+        if self.console is not None and self.ctx.is_main_process:
+            self.console(choice.message)
+        if choice.module is None:
+            return
+        key = choice.key
+        self._capture = (choice.module, choice.name if key is None else f"{choice.name}:{key}", key)
+        self._handles.append(choice.module.register_forward_hook(self._on_forward))
         if self._eval_chunks is None and self._capture_due():
-            self._step_chunks.extend(chunks[:_MAX_CHUNKS])
+            self._step_chunks.extend(choice.chunks[:_MAX_CHUNKS])
 
     # -- hooks ------------------------------------------------------------------------------
     def _install_hooks(self, optimizer_hooks: bool = True) -> None:
@@ -146,34 +155,71 @@ class AttachedHub(MonitorHub):
             self._started = True
             self.emit("on_train_start", self.ctx)
 
+    # The step is driven by MonitorHub's verbs (after_backward, before_step, after_step,
+    # end_step), as in the pipeline's loop; here they also keep the accumulation boundary, the
+    # capture and the step counter. The PyTorch hooks call backward_done and the two below.
     def backward_done(self) -> None:
-        """A backward pass finished: emit ``on_after_backward`` at the accumulation boundary."""
+        """A backward pass finished: :meth:`after_backward` at the accumulation boundary (under a
+        GradScaler: at ``optimizer.step()``, once the gradients are unscaled)."""
+        if self._discovery is not None and not self._discovery.done:
+            self._install_capture(self._discovery.choose())  # every forward pass of the step has run
+        if self._scaler is None and not self._scaler_checked:
+            self._scaler = find_grad_scaler(locals_too=True)
+        if self._scaler is not None and is_scaling(self._scaler):
+            if self._n_backward >= self.accumulate_grad_batches:  # the last boundary had no step: skipped
+                self._forget_skipped_step()
+            self._n_backward += 1
+            if self._n_backward >= self.accumulate_grad_batches:
+                self._boundary = (len(self._step_chunks), dict(self._explicit))
+            return
         self._n_backward += 1
         if not self._backward_emitted and self._n_backward >= self.accumulate_grad_batches:
-            self._backward_emitted = True
-            self.emit("on_after_backward", self.ctx)
+            self.after_backward()
 
-    def optimizer_step_starting(self) -> None:
-        """Right before ``optimizer.step()``: parameters still old, gradients final."""
-        if not self._backward_emitted:
-            self._backward_emitted = True
-            self.emit("on_after_backward", self.ctx)
+    def after_backward(self, ctx: Optional[RunContext] = None) -> None:
+        self._backward_emitted = True
+        super().after_backward(ctx)
+
+    def _forget_skipped_step(self) -> None:
+        """GradScaler skipped the last step (inf/NaN gradients: no ``optimizer.step()``): drop what
+        was captured for it; it is neither counted nor logged."""
+        n, explicit = self._boundary or (0, {})
+        del self._step_chunks[:n]
+        self._explicit = {k: v for k, v in self._explicit.items() if explicit.get(k) is not v}
+        self._n_backward = 0
+        self._backward_emitted = False
+        self._assign = None
+        self._boundary = None
+        self.skipped_steps += 1
+
+    def before_step(self, ctx: Optional[RunContext] = None) -> None:
+        """Right before ``optimizer.step()``: parameters still old, gradients final (unscaled)."""
+        rerun = False
+        if self._scaler is None:
+            found = find_grad_scaler(locals_too=False, max_depth=10)  # GradScaler.step calls us: exact
+            if found is not None:
+                self._scaler = found
+                rerun = self._backward_emitted and is_scaling(found)  # it ran on the scaled gradients
+        self._scaler_checked = True
+        if self._scaler is not None:
+            self.ctx.extra["grad_scaler"] = self._scaler
+        if not self._backward_emitted or rerun:
+            self.after_backward(ctx)
         if self._discovery is not None and not self._discovery.done:
-            self._discovery.choose()  # the model itself was never called: choose from what ran
+            self._install_capture(self._discovery.choose())  # the model itself was never called: choose from what ran
         self._assign = self._derive_assignments()
-        self.emit("on_before_optimizer_step", self.ctx)
+        super().before_step(ctx)
 
-    def optimizer_step_done(self, outputs: Optional[Mapping[str, Any]] = None) -> None:
-        """Right after ``optimizer.step()``: emit ``on_after_optimizer_step`` and ``on_step_end``
-        with the step outputs (``outputs`` as a dict of StepOutputs fields, plus what was captured
-        and given to :meth:`log_outputs`), then advance ``ctx.step``."""
-        ctx = self.ctx
-        self.emit("on_after_optimizer_step", ctx)
-        out = ctx.outputs = self._step_outputs(outputs)
-        # train/loss, train/<term>, train/lr, train/wd: what the loop made visible
-        self.log_train(out.loss if isinstance(out.loss, torch.Tensor) else None,
-                       {**dict(out.terms or {}), **dict(out.schedules or {})}, step=ctx.step)
-        self.emit("on_step_end", ctx)
+    def end_step(self, outputs: Union[StepOutputs, Mapping[str, Any], None] = None,
+                 ctx: Optional[RunContext] = None, **values: Any) -> None:
+        """The end of the step, with its outputs: what was captured and given to
+        :meth:`log_outputs`, updated by ``outputs`` (a :class:`StepOutputs` or a dict of its
+        fields); then ``ctx.step`` advances."""
+        ctx = ctx or self.ctx
+        if isinstance(outputs, StepOutputs):  # its fields that hold something
+            outputs = {f: v for f in _STEP_FIELDS if (v := getattr(outputs, f)) is not None and not (
+                isinstance(v, Mapping) and not v)}
+        super().end_step(self._step_outputs(outputs), ctx, **values)
         self._capture_cadence.fire(ctx.step)
         ctx.step += 1
         self._n_backward = 0
@@ -181,6 +227,17 @@ class AttachedHub(MonitorHub):
         self._step_chunks = []
         self._explicit = {}
         self._assign = None
+        self._boundary = None
+
+    def optimizer_step_starting(self) -> None:
+        """What the optimizer's pre-step hook calls: :meth:`before_step`."""
+        self.before_step()
+
+    def optimizer_step_done(self, outputs: Optional[Mapping[str, Any]] = None) -> None:
+        """What the optimizer's post-step hook calls: :meth:`after_step`, then :meth:`end_step`
+        with ``outputs`` (a dict of StepOutputs fields)."""
+        self.after_step()
+        self.end_step(outputs)
 
     # -- step outputs -----------------------------------------------------------------------
     def log_outputs(self, **fields: Any) -> None:
@@ -192,7 +249,7 @@ class AttachedHub(MonitorHub):
         if bad:
             raise ValueError(f"log_outputs: unknown fields {sorted(bad)}; valid: {', '.join(sorted(_STEP_FIELDS))}")
         for k, v in fields.items():
-            self._explicit[k] = _detach(v)
+            self._explicit[k] = detach_value(v)
 
     def _derive_assignments(self) -> Optional[torch.Tensor]:
         """(N, K) soft assignments of the captured outputs to the (current) prototypes, on the device."""
@@ -234,7 +291,7 @@ class AttachedHub(MonitorHub):
             fields["student_probs"] = self._assign
         fields.update(self._explicit)
         if outputs:
-            fields.update({k: _detach(v) for k, v in outputs.items() if k in _STEP_FIELDS})
+            fields.update({k: detach_value(v) for k, v in outputs.items() if k in _STEP_FIELDS})
         fields["schedules"] = {**self._schedules(), **dict(fields.get("schedules") or {})}
         return StepOutputs(**fields)
 
@@ -265,7 +322,7 @@ class AttachedHub(MonitorHub):
             ctx.step = saved
 
     @contextlib.contextmanager
-    def capture(self, labels: Optional[Sequence[Any]] = None) -> Iterator["_Capture"]:
+    def capture(self, labels: Optional[Sequence[Any]] = None) -> Iterator["EvalCapture"]:
         """Collect the outputs of the ``capture=`` module during an eval loop, then emit
         ``on_embeddings`` at the end of the block::
 
@@ -279,7 +336,7 @@ class AttachedHub(MonitorHub):
             raise ValueError("hub.capture() needs attach(..., capture='<module name>'): the module whose "
                              "output is the projection (found automatically at the first training step when "
                              "model= is given); or call hub.log_embeddings(embeddings, labels)")
-        cap = _Capture(labels)
+        cap = EvalCapture(labels)
         self._eval_chunks = []
         try:
             yield cap
@@ -303,7 +360,7 @@ class AttachedHub(MonitorHub):
         prototype tensor there that differs from the live one is reported as "not restored"
         (warning) rather than missing. Returns the findings about this checkpoint (also when
         already reported earlier)."""
-        from .health import HealthDoctor
+        from ..health.doctor import HealthDoctor
 
         if isinstance(checkpoint, (str, os.PathLike)):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -370,31 +427,3 @@ class AttachedHub(MonitorHub):
         self.detach()
         self.emit("on_train_end", self.ctx)
         super().close()
-
-
-class _Capture:
-    """What ``with hub.capture() as cap`` yields: collects the labels of the eval batches."""
-
-    def __init__(self, labels: Optional[Sequence[Any]] = None) -> None:
-        self.labels: list[Any] = [] if labels is None else _as_list(labels)
-
-    def add_labels(self, labels: Union[Sequence[Any], torch.Tensor]) -> None:
-        """Append the labels of one eval batch (a tensor, an array or a sequence)."""
-        self.labels.extend(_as_list(labels))
-
-
-def _as_list(labels: Any) -> list[Any]:
-    """Labels of a tensor, an array or a sequence as a Python list."""
-    if isinstance(labels, torch.Tensor):
-        return labels.detach().cpu().tolist()
-    if hasattr(labels, "tolist"):
-        return list(labels.tolist())
-    return list(labels)
-
-
-def _detach(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach()
-    if isinstance(v, Mapping):
-        return {k: _detach(x) for k, x in v.items()}
-    return v

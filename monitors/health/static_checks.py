@@ -1,7 +1,7 @@
 """The health doctor's static and per-step checks: leaf, gradient, optimizer membership, lr,
 and the replica fingerprint.
 
-:class:`StaticChecks` is a part of :class:`~monitors.health.HealthDoctor` (a mixin): these read
+:class:`StaticChecks` is a part of :class:`~monitors.health.doctor.HealthDoctor` (a mixin): these read
 Python attributes (``is_leaf``, ``.grad is None``, the param groups, a CPU lr) as they happen,
 never a device value; the doctor's hooks call them.
 """
@@ -12,8 +12,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .codes import PROTO_LR_ZERO, PROTO_NO_GRAD, PROTO_NOT_IN_OPTIMIZER, PROTO_NOT_LEAF, fix_of
-from .events import RunContext
+from ..core.codes import PROTO_LR_ZERO, PROTO_NO_GRAD, PROTO_NOT_IN_OPTIMIZER, PROTO_NOT_LEAF, fix_of
+from ..core.events import RunContext
 from .optimizer_lookup import param_groups
 
 
@@ -44,7 +44,7 @@ class StaticChecks:
         group = self._proto_group(ctx, rescan=True)
         if group is None:
             P = ctx.prototypes
-            self._say(ctx, PROTO_NOT_IN_OPTIMIZER, "error", (
+            self.report(ctx, PROTO_NOT_IN_OPTIMIZER, "error", (
                 f"the prototypes {tuple(P.shape)} are in no param group of the optimizer "
                 f"({type(ctx.optimizer).__name__}), so optimizer.step() never changes them. "
                 f"Fix: {fix_of(PROTO_NOT_IN_OPTIMIZER)}."
@@ -68,7 +68,7 @@ class StaticChecks:
         P = ctx.prototypes
         if P.is_leaf:
             return False
-        self._say(ctx, PROTO_NOT_LEAF, "error", (
+        self.report(ctx, PROTO_NOT_LEAF, "error", (
             f"the prototypes are not a leaf tensor (grad_fn={type(P.grad_fn).__name__}): they are "
             "a copy of the parameter, so they never get a .grad and no optimizer can step them. "
             "This is the nn.Parameter(x).cuda() / .to(copy=True) trap. Fix: "
@@ -86,7 +86,7 @@ class StaticChecks:
             return  # nothing has gradients (accumulation step, eval): not our business
         P = ctx.prototypes
         if ctx.step < ctx.freeze_steps:
-            self._say(ctx, PROTO_NO_GRAD, "info", (
+            self.report(ctx, PROTO_NO_GRAD, "info", (
                 f"the prototypes get no gradient at step {ctx.step}: expected during the freeze "
                 f"(freeze_steps={ctx.freeze_steps}, e.g. freeze_last_layer cancels it)."
             ))
@@ -94,12 +94,12 @@ class StaticChecks:
         self.nograd_steps += 1
         why = "requires_grad is False" if not P.requires_grad else "they are not used in the loss or the gradient is cancelled"
         if self.nograd_steps > self.patience:
-            self._say(ctx, PROTO_NO_GRAD, "error", (
+            self.report(ctx, PROTO_NO_GRAD, "error", (
                 f"the prototypes got no gradient for {self.nograd_steps} consecutive steps while the "
                 f"rest of the model did ({why}). Fix: {fix_of(PROTO_NO_GRAD)}."
             ))
         else:
-            self._say(ctx, PROTO_NO_GRAD, "info", (
+            self.report(ctx, PROTO_NO_GRAD, "info", (
                 f"the prototypes got no gradient at step {ctx.step} while the rest of the model did "
                 f"({why}); an error follows after {self.patience} such steps in a row."
             ))
@@ -119,19 +119,19 @@ class StaticChecks:
             self.lr_zero_steps = 0
             why = "every param group has lr 0 (a warm-up starting at 0)" if all_zero else \
                 f"an intended freeze (freeze_steps={ctx.freeze_steps})"
-            self._say(ctx, PROTO_LR_ZERO, "info", (
+            self.report(ctx, PROTO_LR_ZERO, "info", (
                 f"the prototypes' lr is 0 at step {ctx.step}: {why}; they do not move this step."
             ))
             return lr
         self.lr_zero_steps += 1
         if self.lr_zero_steps > self.patience:
-            self._say(ctx, PROTO_LR_ZERO, "warning", (
+            self.report(ctx, PROTO_LR_ZERO, "warning", (
                 f"the prototypes' param group has had lr 0 for {self.lr_zero_steps} steps while other "
                 f"groups train (lr up to {max(x for x in others if x is not None):g}): the prototypes "
                 f"are frozen. Likely cause: {fix_of(PROTO_LR_ZERO)}."
             ))
         else:
-            self._say(ctx, PROTO_LR_ZERO, "info", (
+            self.report(ctx, PROTO_LR_ZERO, "info", (
                 f"the prototypes' param group has lr 0 at step {ctx.step} while other groups train; "
                 f"a warning follows after {self.patience} such steps in a row."
             ))

@@ -1,4 +1,4 @@
-"""One t-SNE frame, computed in the background worker of :mod:`monitors.tsne`.
+"""One t-SNE frame, computed in the background worker of :mod:`monitors.tsne.monitor`.
 
 This file imports numpy and the standard library only (scikit-learn, SciPy and matplotlib lazily,
 inside the frame), never torch or the ``monitors`` package: the worker runs it as a script

@@ -5,12 +5,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import Metrics, Monitor
-from .cadence import Every
-from .events import RunContext
-from .media import Histogram, VectorStat
-from .options import positive_int
-from .proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, grad_of, row_sample, work_dtype
+from ..core.base import Metrics, Monitor
+from ..core.cadence import Every
+from ..core.events import RunContext
+from ..core.media import Histogram, VectorStat
+from ..core.options import positive_int
+from ..core.proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, grad_of, row_sample, work_dtype
 
 _TINY = 1e-12
 
@@ -43,7 +43,7 @@ class GradientMonitor(Monitor):
     ``proto/grad/sampled`` (the number of rows they cover) is logged beside them; ``norm``,
     ``raw_norm`` and ``to_weight`` stay exact (one fused pass over the whole gradient); above
     ``ctx.proto_stats.full_above`` (16,384) those three come every ``full_every`` (10) steps
-    (:mod:`monitors.proto_stats`).
+    (:mod:`monitors.core.proto_stats`).
 
     A prototype without a gradient yields no metrics: the health doctor diagnoses that.
     """

@@ -9,12 +9,12 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .base import Metrics, Monitor
-from .events import RunContext
-from .media import VectorStat
-from .cadence import on_multiple
-from .options import positive_int
-from .proto_stats import block_rows, work_dtype
+from ..core.base import Metrics, Monitor
+from ..core.events import RunContext
+from ..core.media import VectorStat
+from ..core.cadence import on_multiple
+from ..core.options import positive_int
+from ..core.proto_stats import block_rows, work_dtype
 
 _TINY = 1e-12
 
@@ -29,7 +29,7 @@ class DeltaMonitor(Monitor):
     ``proto/delta/drift`` (``||P - P_init|| / ||P_init||``, a slow curve, so only every
     ``drift_every`` steps and at the end of training: a pass over P and P_init).
     Above ``ctx.proto_stats.full_above`` prototypes (16,384) the update statistics are those of every
-    ``full_every``-th step (10; exact on those steps, :mod:`monitors.proto_stats`).
+    ``full_every``-th step (10; exact on those steps, :mod:`monitors.core.proto_stats`).
 
     For inspection: :attr:`last_update_norms` (K,) and :attr:`last_delta_norm` (0-dim) from the last
     step measured, and :attr:`last_proto_norms` (K,), all on the device.

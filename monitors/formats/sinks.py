@@ -1,5 +1,5 @@
 """Sinks write what the hub hands them. :class:`WandbSink` is the only code that talks to W&B;
-:class:`LocalSink` (defined in :mod:`monitors.records`, the owner of the local records format,
+:class:`LocalSink` (defined in :mod:`monitors.formats.records`, the owner of the local records format,
 and re-exported here) keeps plain local records (JSON lines, PNGs) that the dashboard reads."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .finding import Finding
-from .media import Histogram, Image, Table
-from .records import STEP_KEY, LocalSink
+from ..core.finding import Finding
+from ..core.media import Histogram, Image, Table
+from .records import RECORDS_DIR, STEP_KEY, LocalSink
 
 __all__ = ["WandbSink", "LocalSink", "check_online_credentials", "SHARED_RUN_GLOBS", "STEP_KEY"]
 
@@ -167,3 +167,24 @@ def check_online_credentials() -> None:
     if auth is None:
         raise ValueError(f"wandb_mode=online but no W&B API key is configured for {host}: run `wandb login` "
                          "or set WANDB_API_KEY, or use wandb_mode=offline (wandb sync the run later)")
+
+
+def build_sinks(rank: int = 0, *, exp_dir: Any = None, run: Any = None,
+                wandb_options: Optional[Mapping[str, Any]] = None,
+                extra: Any = ()) -> tuple[list[Any], Optional[WandbSink]]:
+    """The sinks of a run, for the pipeline and for ``attach()`` alike. Only rank 0 writes: other
+    ranks get none. On rank 0: W&B (the existing run ``run``, or a new one opened with
+    ``wandb_options``, see :class:`WandbSink`; none when ``run is False``), the local records
+    under ``exp_dir/records`` when ``exp_dir`` is given, then the ``extra`` sinks. Returns (the
+    sinks, the W&B sink or None)."""
+    if rank != 0:
+        return [], None
+    sinks: list[Any] = []
+    wandb_sink: Optional[WandbSink] = None
+    if run is not False:
+        wandb_sink = WandbSink(run) if run is not None else WandbSink(**dict(wandb_options or {}))
+        sinks.append(wandb_sink)
+    if exp_dir is not None:
+        sinks.append(LocalSink(Path(exp_dir) / RECORDS_DIR))
+    sinks.extend(extra or ())
+    return sinks, wandb_sink

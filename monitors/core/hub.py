@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from .base import Monitor, check_hook_names
-from .events import COLLECTIVE_EVENTS, EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext
+from .events import COLLECTIVE_EVENTS, EVENTS, EXTRA_HOOKS, STEP_EVENTS, RunContext, StepOutputs
 from .cadence import on_multiple
 from .codes import MONITOR_FAILED, SINK_FAILED
 from .finding import Finding
@@ -27,7 +27,7 @@ class MonitorHub:
     """Runs monitors for one training run.
 
     Args:
-        monitors: the monitor instances (see :func:`monitors.registry.build_monitors`).
+        monitors: the monitor instances (see :func:`monitors.core.registry.build_monitors`).
         sinks: writers (W&B, local records); only rank 0 writes.
         log_every: optimizer steps between two log intervals. Per-step values are buffered on
             the device and moved to the host in one batch per interval.
@@ -63,7 +63,7 @@ class MonitorHub:
         self.last_values: dict[str, float] = {}  # latest host value of every scalar logged
         self.ctx: Optional[RunContext] = None
         self._rows: dict[int, dict[str, Any]] = defaultdict(dict)  # step -> buffered values
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: set[tuple[str, str]] = set()  # (code, key) reported
         self._monitor_seconds = 0.0
         self._last_flushed_step = -1
         self._summary: dict[str, Any] = {}
@@ -131,6 +131,31 @@ class MonitorHub:
             for k in payload:
                 setattr(ctx, k, None)
 
+    # -- driving a step: the one vocabulary of the pipeline's loop and the attached hub -------
+    def after_backward(self, ctx: Optional[RunContext] = None) -> None:
+        """Gradients are accumulated (and unscaled, under AMP): ``on_after_backward``."""
+        self.emit("on_after_backward", ctx or self.ctx)
+
+    def before_step(self, ctx: Optional[RunContext] = None) -> None:
+        """Right before ``optimizer.step()``, after clipping and cancelling: ``on_before_optimizer_step``."""
+        self.emit("on_before_optimizer_step", ctx or self.ctx)
+
+    def after_step(self, ctx: Optional[RunContext] = None) -> None:
+        """Right after ``optimizer.step()``, parameters new: ``on_after_optimizer_step``."""
+        self.emit("on_after_optimizer_step", ctx or self.ctx)
+
+    def end_step(self, outputs: Optional[StepOutputs] = None, ctx: Optional[RunContext] = None,
+                 **values: Any) -> None:
+        """The end of a step: ``train/loss``, ``train/<term>`` and ``train/<schedule>`` of
+        ``outputs`` (and ``train/<name>`` of each keyword, e.g. ``epoch=``) are buffered, then
+        ``on_step_end`` runs with ``ctx.outputs = outputs``, cleared again afterwards."""
+        ctx = ctx or self.ctx
+        if outputs is not None:
+            loss = outputs.loss if isinstance(outputs.loss, torch.Tensor) else None
+            self.log_train(loss, {**dict(outputs.terms or {}), **dict(outputs.schedules or {})},
+                           step=ctx.step, **values)
+        self.emit_with("on_step_end", ctx, outputs=outputs)
+
     def log_train(self, loss: Any = None, terms: Optional[Mapping[str, Any]] = None,
                   step: Optional[int] = None, **values: Any) -> None:
         """Buffer the loop's own values: ``train/loss``, ``train/<term>`` for each loss term and
@@ -153,13 +178,13 @@ class MonitorHub:
         except Exception as exc:  # a monitor must never stop training
             self.disabled[m.name] = f"{type(exc).__name__}: {exc}"
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            self._add_finding(Finding(
+            self.add_finding(Finding(
                 MONITOR_FAILED, "warning", int(ctx.step),
                 f"monitor {m.name!r} raised in {hook} ({detail}) and was switched off; "
                 "training goes on. Fix the monitor or remove it from the monitors list.",
             ))
-        for f in m.pop_findings():
-            self._add_finding(f)
+        for f, key in m.pop_reports():
+            self.add_finding(f, key)
 
     # -- values -----------------------------------------------------------------------------
     def log(self, values: Mapping[str, Any], step: Optional[int] = None) -> None:
@@ -235,14 +260,17 @@ class MonitorHub:
         else:
             what = recovered
         step = int(self.ctx.step) if self.ctx is not None else max(self._last_flushed_step, 0)
-        self._add_finding(Finding(SINK_FAILED, "warning", step, f"sink {name} raised in {method} ({detail}) and {what}."))
+        self.add_finding(Finding(SINK_FAILED, "warning", step, f"sink {name} raised in {method} ({detail}) and {what}."))
 
     # -- findings ---------------------------------------------------------------------------
-    def _add_finding(self, f: Finding) -> None:
-        key = (f.code, f.severity)
-        if key in self._seen:
+    def add_finding(self, f: Finding, key: Any = None) -> None:
+        """Record ``f`` and hand it to the console and the sinks, once per code and ``key``
+        (default: its severity): the one deduplication of findings (``Monitor.report`` and
+        :meth:`report` end here)."""
+        seen = (f.code, f.severity if key is None else str(key))
+        if seen in self._seen:
             return
-        self._seen.add(key)
+        self._seen.add(seen)
         self.findings.append(f)
         metric = "health/<severity>/<CODE>".replace("<severity>", f.severity).replace("<CODE>", f.code)
         self.log({metric: 1.0}, step=f.step)
@@ -254,9 +282,9 @@ class MonitorHub:
         if f.severity == "error" and self.stop_on_error:
             self.should_stop = True
 
-    def report(self, finding: Finding) -> None:
-        """Add a finding from outside a monitor (e.g. attach-time static checks)."""
-        self._add_finding(finding)
+    def report(self, finding: Finding, key: Any = None) -> None:
+        """Add a finding from outside a monitor (e.g. attach-time static checks), once per code and ``key``."""
+        self.add_finding(finding, key)
 
     def health_summary(self) -> dict[str, Any]:
         """``health/errors``, ``health/warnings`` and ``health/codes``: the counts by severity and
@@ -279,6 +307,7 @@ class MonitorHub:
             "monitors": {m.state_key: m.state_dict() for m in self.monitors},
             "findings": [f.to_dict() for f in self.findings],
             "disabled": dict(self.disabled),
+            "reported": sorted([c, k] for c, k in self._seen),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -287,6 +316,7 @@ class MonitorHub:
                 m.load_state_dict(state["monitors"][m.state_key])
         self.findings = [Finding.from_dict(d) for d in state.get("findings", [])]
         self._seen = {(f.code, f.severity) for f in self.findings}
+        self._seen.update((c, k) for c, k in state.get("reported", []))
         self.disabled.update(state.get("disabled", {}))
 
     # -- end --------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The health doctor's log-interval judgement: the device accumulators, the one read per interval,
 and one named judgement per finding.
 
-:class:`IntervalJudge` is a part of :class:`~monitors.health.HealthDoctor` (a mixin): per step it
+:class:`IntervalJudge` is a part of :class:`~monitors.health.doctor.HealthDoctor` (a mixin): per step it
 accumulates the collapse statistics on the device (:meth:`IntervalJudge._collapse_step`); at each
 log interval :meth:`IntervalJudge.on_log` reads every accumulator, the norm range, the duplicate
 fraction and the per-step flags in ONE host transfer into an :class:`Interval` record, then judges
@@ -16,13 +16,13 @@ from typing import Any, Optional
 
 import torch
 
-from .base import Metrics
-from .cadence import on_multiple
-from .codes import (PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_NONFINITE, PROTO_NORM_OUT_OF_RANGE, PROTO_NOT_UPDATING,
+from ..core.base import Metrics
+from ..core.cadence import on_multiple
+from ..core.codes import (PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_NONFINITE, PROTO_NORM_OUT_OF_RANGE, PROTO_NOT_UPDATING,
                     PROTO_REPLICAS_DIVERGED, fix_of)
-from .distributed import world_size
-from .events import RunContext
-from .proto_stats import assignment_rows
+from ..core.distributed import world_size
+from ..core.events import RunContext
+from ..core.proto_stats import assignment_rows
 
 #: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
 #: div: largest rank disagreement; col_*: collapsed steps, identical-rows steps, smallest entropy
@@ -163,7 +163,7 @@ class IntervalJudge:
     def _judge_not_updating(self, ctx: RunContext, obs: Interval) -> None:
         """PROTO_NOT_UPDATING: a non-zero gradient but an unchanged value for too many steps."""
         if self.stuck_longest > self.update_patience:
-            self._say(ctx, PROTO_NOT_UPDATING, "error", (
+            self.report(ctx, PROTO_NOT_UPDATING, "error", (
                 f"the prototypes had a non-zero gradient but did not change across optimizer.step() "
                 f"for {self.stuck_longest} consecutive steps (up to step {obs.step}): the optimizer that "
                 f"steps does not update them. Fix: {fix_of(PROTO_NOT_UPDATING)}."
@@ -173,17 +173,17 @@ class IntervalJudge:
         """PROTO_NONFINITE: NaN/Inf prototypes, or NaN/Inf gradients (isolated ones are info)."""
         step = obs.step
         if self.nonfinite_seen:
-            self._say(ctx, PROTO_NONFINITE, "error", (
+            self.report(ctx, PROTO_NONFINITE, "error", (
                 f"the prototypes hold NaN/Inf (seen by step {step}): training of the prototypes is "
                 f"lost from there on; resume from an earlier checkpoint. Fix: {fix_of(PROTO_NONFINITE)}."
             ))
         if self.gnf_longest > self.nonfinite_patience:
-            self._say(ctx, PROTO_NONFINITE, "error", (
+            self.report(ctx, PROTO_NONFINITE, "error", (
                 f"the prototypes' gradient was NaN/Inf for {self.gnf_longest} consecutive steps (by "
                 f"step {step}). Fix: {fix_of(PROTO_NONFINITE)}."
             ))
         elif self.gnf_longest > 0:
-            self._say(ctx, PROTO_NONFINITE, "info", (
+            self.report(ctx, PROTO_NONFINITE, "info", (
                 f"the prototypes' gradient was NaN/Inf in step(s) up to step {step}; "
                 "isolated ones are normal with AMP (GradScaler skips those steps)."
             ))
@@ -191,7 +191,7 @@ class IntervalJudge:
     def _judge_replicas(self, ctx: RunContext, obs: Interval) -> None:
         """PROTO_REPLICAS_DIVERGED: the ranks' prototypes drifted apart during the interval."""
         if obs.div > self.sync_tol:
-            self._say(ctx, PROTO_REPLICAS_DIVERGED, "error", (
+            self.report(ctx, PROTO_REPLICAS_DIVERGED, "error", (
                 f"the prototypes differ across the {world_size()} ranks (relative fingerprint "
                 f"gap {obs.div:.3g} by step {obs.step}): their gradient is not averaged across ranks "
                 f"because they live outside the DDP module, so each rank trains its own. Fix: "
@@ -225,7 +225,7 @@ class IntervalJudge:
                     f"(perplexity {math.exp(obs.col_ent_min):.3g} of {K}). Fix: balance the "
                     "targets (Sinkhorn, centering), keep the me-max regulariser, lower the lr")
         sev = "error" if self.collapse_intervals >= self.collapse_patience else "warning"
-        self._say(ctx, PROTO_COLLAPSE, sev, (
+        self.report(ctx, PROTO_COLLAPSE, sev, (
             f"assignment collapse in {int(obs.col_hits)} of {self.collapse_checked} steps up to "
             f"step {obs.step} ({self.collapse_intervals} log interval(s) in a row), {what}."
         ))
@@ -236,7 +236,7 @@ class IntervalJudge:
             return
         dup = obs.duplicates if obs.duplicates is not None else 0.0
         if dup > self.dup_fraction:
-            self._say(ctx, PROTO_DUPLICATES, "warning", (
+            self.report(ctx, PROTO_DUPLICATES, "warning", (
                 f"{100 * dup:.0f}% of the prototypes have a near-duplicate (cosine > "
                 f"{self.dup_cosine}) at step {obs.step}: they waste capacity. Fix: {fix_of(PROTO_DUPLICATES)}."
             ))
@@ -247,7 +247,7 @@ class IntervalJudge:
             return
         nmin, nmax = obs.norm_range
         if nmin < self.norm_min or nmax > self.norm_max:
-            self._say(ctx, PROTO_NORM_OUT_OF_RANGE, "warning", (
+            self.report(ctx, PROTO_NORM_OUT_OF_RANGE, "warning", (
                 f"prototype norms span [{nmin:.3g}, {nmax:.3g}] at step {obs.step}, outside "
                 f"[{self.norm_min:g}, {self.norm_max:g}]. Fix: {fix_of(PROTO_NORM_OUT_OF_RANGE)}."
             ))

@@ -1,7 +1,7 @@
 """Checks of the bugs that real self-supervised trainers ship around the prototypes and the teacher.
 
 The :class:`TrainerChecks` monitor (name ``checks``, in the default set) reports four codes of
-:data:`monitors.codes.CODES`:
+:data:`monitors.core.codes.CODES`:
 
 ==============================  ==============================================================
 ``PROTO_GRAD_NOT_AVERAGED``     under ``torch.distributed``, every ``grad_avg_every`` steps: the
@@ -29,14 +29,14 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .base import Metrics, Monitor
-from .cadence import on_multiple
-from .codes import PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED, TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT
-from .distributed import world_size
-from .events import RunContext
-from .grad_scaling import scale_tensor
+from ..core.base import Metrics, Monitor
+from ..core.cadence import on_multiple
+from ..core.codes import PROTO_FREEZE_IGNORED, PROTO_GRAD_NOT_AVERAGED, TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT
+from ..core.distributed import world_size
+from ..core.events import RunContext
+from ..core.grad_scaling import scale_tensor
 from .optimizer_lookup import unwrap
-from .options import positive_int
+from ..core.options import positive_int
 
 #: optimizers whose update does not change when the gradient is multiplied by a constant (up to
 #: eps): a summed gradient is then harmless, so PROTO_GRAD_NOT_AVERAGED stays info. Matched on the
@@ -77,7 +77,7 @@ def _fingerprint(params: list[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 class TrainerChecks(Monitor):
-    """The checks of :mod:`monitors.trainer_checks`.
+    """The checks of :mod:`monitors.health.trainer_checks`.
 
     Args:
         grad_avg_every: compare the prototypes' gradient with the mean of the ranks' local ones
@@ -103,7 +103,6 @@ class TrainerChecks(Monitor):
         self.grad_avg_tol = float(grad_avg_tol)
         self.freeze_every = positive_int(owner, "freeze_every", freeze_every)
         self.teacher_patience = positive_int(owner, "teacher_patience", teacher_patience)
-        self._reported: set[tuple[str, str]] = set()
         # gradient averaging
         self._ctx: Optional[RunContext] = None
         self._hook: Any = None
@@ -123,11 +122,6 @@ class TrainerChecks(Monitor):
         self._s_ref: Optional[torch.Tensor] = None
         self._t_ref_step = 0
         self.teacher_still = 0                       # steps the teacher has not changed (student did)
-
-    def _say(self, ctx: RunContext, code: str, severity: str, message: str) -> None:
-        if (code, severity) not in self._reported:
-            self._reported.add((code, severity))
-            self.report(ctx, code, severity, message)
 
     # -- train start: teacher aliasing, references, the local-gradient hook ------------------------
     def on_train_start(self, ctx: RunContext) -> Metrics:
@@ -152,7 +146,7 @@ class TrainerChecks(Monitor):
             shared = [n for ptr, n in _storages(teacher).items() if ptr in mine and ptr != proto_ptr]
         if shared:
             n_t = sum(1 for _ in teacher.parameters())
-            self._say(ctx, TEACHER_SHARES_STUDENT, "error", (
+            self.report(ctx, TEACHER_SHARES_STUDENT, "error", (
                 f"the teacher ({type(teacher).__name__}) shares {len(shared)} of its {n_t} parameter tensors "
                 f"with the student (e.g. {', '.join(shared[:3])}): it is the student's own tensors, not a "
                 "copy, so the EMA update is a no-op and the teacher is the student. Fix: build the teacher "
@@ -289,7 +283,7 @@ class TrainerChecks(Monitor):
             elif student_moved:
                 self.teacher_still += elapsed
             if self.teacher_still >= self.teacher_patience:
-                self._say(ctx, TEACHER_NOT_UPDATING, "warning", (
+                self.report(ctx, TEACHER_NOT_UPDATING, "warning", (
                     f"the teacher ({type(ctx.teacher).__name__}) has not changed for {self.teacher_still} "
                     f"steps (up to step {ctx.step}) while the student trained: the EMA update is not applied "
                     "(or its momentum is 1). Fix: after optimizer.step(), update it every step: with "
@@ -314,12 +308,12 @@ class TrainerChecks(Monitor):
             f"while DDP averages every other gradient"
         )
         if invariant:
-            self._say(ctx, PROTO_GRAD_NOT_AVERAGED, "info", (
+            self.report(ctx, PROTO_GRAD_NOT_AVERAGED, "info", (
                 f"{common}. {name} is invariant to the gradient's scale, so this only changes its eps: "
                 "taken as intended."
             ))
             return
-        self._say(ctx, PROTO_GRAD_NOT_AVERAGED, "warning", (
+        self.report(ctx, PROTO_GRAD_NOT_AVERAGED, "warning", (
             f"{common}: with {name} the prototypes train at {world}x the configured lr (effective lr "
             f"factor {world}; 3D-Speaker's AllReduceSum, MSN). Fix: average after the all-reduce: "
             "dist.all_reduce(prototypes.grad); prototypes.grad /= dist.get_world_size() (or "
@@ -331,7 +325,7 @@ class TrainerChecks(Monitor):
         in_model = isinstance(ctx.model, torch.nn.Module) and any(p is ctx.prototypes for p in ctx.model.parameters())
         where = (f"they are the model parameter {name!r}" if in_model else
                  "they live outside the model (a bare tensor), so no name-based cancel function sees them")
-        self._say(ctx, PROTO_FREEZE_IGNORED, "warning", (
+        self.report(ctx, PROTO_FREEZE_IGNORED, "warning", (
             f"a freeze of the prototypes was declared (freeze_steps={ctx.freeze_steps}) but they changed "
             f"across optimizer.step() in {self.freeze_moved} of {self.freeze_checked} checked steps during "
             f"it (by step {ctx.step}). Likely cause: the gradient-cancelling function matches no parameter "
@@ -355,11 +349,10 @@ class TrainerChecks(Monitor):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reported": sorted([c, s] for c, s in self._reported), "teacher_still": self.teacher_still,
+        return {"teacher_still": self.teacher_still,
                 "freeze_moved": self.freeze_moved, "freeze_checked": self.freeze_checked}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._reported = {(c, s) for c, s in state.get("reported", [])}
         self.teacher_still = int(state.get("teacher_still", 0))
         self.freeze_moved = int(state.get("freeze_moved", 0))
         self.freeze_checked = int(state.get("freeze_checked", 0))

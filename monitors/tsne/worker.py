@@ -1,10 +1,10 @@
-"""The background process of :mod:`monitors.tsne`: one niced, single-threaded Python process
-that computes t-SNE frames (:mod:`monitors.tsne_frame`) while training goes on.
+"""The background process of :mod:`monitors.tsne.monitor`: one niced, single-threaded Python process
+that computes t-SNE frames (:mod:`monitors.tsne.frame`) while training goes on.
 
 Why not ``multiprocessing``/``ProcessPoolExecutor``: fork is unsafe in a process running torch
 threads, and ``spawn``/``forkserver`` re-import the user's ``__main__`` script in the child,
 which re-runs a training script that lacks an ``if __name__ == "__main__":`` guard (common in
-the loops ``attach()`` is made for). A fresh interpreter that runs only ``tsne_frame.py`` has
+the loops ``attach()`` is made for). A fresh interpreter that runs only ``frame.py`` has
 neither problem.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .tsne_frame import HEADER, read_message
+from .frame import HEADER, read_message
 
 __all__ = ["BackgroundWorker"]
 
@@ -48,8 +48,8 @@ class BackgroundWorker:
 
     def _ensure_started(self) -> subprocess.Popen:
         if self._proc is None:
-            # the worker runs tsne_frame.py as a script: no torch, no monitors package to import
-            worker = str(Path(__file__).resolve().with_name("tsne_frame.py"))
+            # the worker runs frame.py as a script: no torch, no monitors package to import
+            worker = str(Path(__file__).resolve().with_name("frame.py"))
             env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                        NUMEXPR_NUM_THREADS="1", VECLIB_MAXIMUM_THREADS="1", MPLBACKEND="Agg",
                        CUDA_VISIBLE_DEVICES="")

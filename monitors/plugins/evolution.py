@@ -8,12 +8,12 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import Metrics, Monitor
-from .cadence import Every
-from .events import RunContext
-from .media import Image, figure_to_array
-from .options import number_in, positive_int
-from .proto_stats import row_distances, work_dtype
+from ..core.base import Metrics, Monitor
+from ..core.cadence import Every
+from ..core.events import RunContext
+from ..core.media import Image, figure_to_array
+from ..core.options import number_in, positive_int
+from ..core.proto_stats import row_distances, work_dtype
 
 
 def _edges(x: np.ndarray) -> np.ndarray:

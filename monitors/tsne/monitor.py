@@ -6,7 +6,7 @@ previous frame's layout and is aligned to it, so the sequence shows the prototyp
 dashboard turns the frames saved under ``<exp_dir>/tsne/`` into an animated GIF (``monitors.dashboard.build_tsne_gif``).
 
 Training never waits for a frame: the t-SNE and the rendering run in a separate, niced,
-single-threaded Python process (:mod:`monitors.tsne_worker`); hooks only check whether the frame
+single-threaded Python process (:mod:`monitors.tsne.worker`); hooks only check whether the frame
 in flight is done.
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .base import Metrics, Monitor
-from .events import RunContext
-from .media import Image, Table
-from .options import number_in, positive_int
-from .tsne_frame import compute_frame
-from .tsne_worker import BackgroundWorker
+from ..core.base import Metrics, Monitor
+from ..core.events import RunContext
+from ..core.media import Image, Table
+from ..core.options import number_in, positive_int
+from .frame import compute_frame
+from .worker import BackgroundWorker
 
 #: sklearn's TSNE refuses fewer iterations (its early-exaggeration phase alone is 250)
 MIN_TSNE_ITER = 250

@@ -11,15 +11,15 @@ from .base import Monitor
 
 #: name -> "module:Class" (imported on first use, so a broken optional monitor breaks only itself)
 REGISTRY: dict[str, str] = {
-    "norms": "monitors.norms:NormMonitor",
-    "gradients": "monitors.gradients:GradientMonitor",
-    "deltas": "monitors.deltas:DeltaMonitor",
-    "usage": "monitors.usage:UsageMonitor",
-    "similarity": "monitors.similarity:SimilarityMonitor",
-    "tsne": "monitors.tsne:TSNEMonitor",
-    "evolution": "monitors.evolution:EvolutionMonitor",
-    "health": "monitors.health:HealthDoctor",
-    "checks": "monitors.trainer_checks:TrainerChecks",
+    "norms": "monitors.plugins.norms:NormMonitor",
+    "gradients": "monitors.plugins.gradients:GradientMonitor",
+    "deltas": "monitors.plugins.deltas:DeltaMonitor",
+    "usage": "monitors.plugins.usage:UsageMonitor",
+    "similarity": "monitors.plugins.similarity:SimilarityMonitor",
+    "tsne": "monitors.tsne.monitor:TSNEMonitor",
+    "evolution": "monitors.plugins.evolution:EvolutionMonitor",
+    "health": "monitors.health.doctor:HealthDoctor",
+    "checks": "monitors.health.trainer_checks:TrainerChecks",
 }
 
 #: what ``monitors="default"`` means

@@ -5,7 +5,7 @@
         loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
     hub.close()                                          # flush, finish the W&B run
 
-The events of :mod:`monitors.events` come from PyTorch's own hooks:
+The events of :mod:`monitors.core.events` come from PyTorch's own hooks:
 
 ========================== ===========================================================================
 event                      derived from
@@ -41,7 +41,6 @@ the backward. A skipped step (``GradScaler`` on inf) emits nothing and does not 
 from __future__ import annotations
 
 import difflib
-import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -49,13 +48,12 @@ from torch import nn
 
 from .attached_hub import AttachedHub
 from .capture import parse_capture
-from .distributed import rank_and_world
-from .events import RunContext
-from .hub import _print_console
-from .options import positive_int
-from .proto_stats import FULL_EVERY
-from .records import RECORDS_DIR
-from .registry import REGISTRY, MonitorSpec, build_monitors
+from ..core.distributed import rank_and_world
+from ..core.events import RunContext
+from ..core.hub import _print_console
+from ..core.options import positive_int
+from ..core.proto_stats import FULL_EVERY
+from ..core.registry import REGISTRY, MonitorSpec, build_monitors
 from .resolve import resolve_prototypes, resolve_teacher
 
 __all__ = ["attach", "build_hub", "split_options", "OPTIONS"]
@@ -73,7 +71,7 @@ OPTIONS: dict[str, Any] = {
     "accumulate_grad_batches": 1,  # backward passes per optimizer step
     "assign_temperature": 0.1,     # softmax temperature of the assignments derived from `capture`
     "capture_every": None,         # every n steps (None: 1 with capture="name"; automatic: 5, 20 above 16,384 rows)
-    "full_every": FULL_EVERY,      # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.proto_stats)
+    "full_every": FULL_EVERY,      # above 16,384 prototypes: whole-(K, D) statistics every n steps (monitors.core.proto_stats)
     "sinks": (),                   # extra sinks (objects with log_rows/set_summary/alert/close)
     "console": True,               # print findings to stderr (False: silent; or a callable(str))
     "teacher": None,               # the EMA teacher, if any (ctx.teacher)
@@ -134,21 +132,13 @@ def build_hub(optimizer: Optional[torch.optim.Optimizer], prototypes: Any, *, mo
     )
     ctx.proto_stats.full_every = positive_int(_OWNER, "full_every", hub_opts["full_every"])
     mons = build_monitors(monitors, overrides=overrides)
-    sinks: list[Any] = []
-    if rank == 0:  # only rank 0 writes: other ranks open no run and no files
-        if run is not False:
-            from .sinks import WandbSink
+    from ..formats.sinks import build_sinks  # imports wandb only when a run is opened
 
-            wdir = hub_opts["dir"] or wandb_dir or exp_dir
-            sinks.append(WandbSink(run) if run is not None else WandbSink(
-                project=hub_opts["project"], dir=None if wdir is None else str(wdir), mode="offline",
-                config={**config, "prototypes": name, "num_proto": tensor.shape[0], "proto_dim": tensor.shape[1]},
-                name=hub_opts["run_name"]))
-        if exp_dir is not None:
-            from .sinks import LocalSink
-
-            sinks.append(LocalSink(os.path.join(str(exp_dir), RECORDS_DIR)))
-        sinks.extend(hub_opts["sinks"] or ())
+    wdir = hub_opts["dir"] or wandb_dir or exp_dir
+    sinks, _ = build_sinks(rank, exp_dir=exp_dir, run=run, extra=hub_opts["sinks"], wandb_options=dict(
+        project=hub_opts["project"], dir=None if wdir is None else str(wdir), mode="offline",
+        config={**config, "prototypes": name, "num_proto": tensor.shape[0], "proto_dim": tensor.shape[1]},
+        name=hub_opts["run_name"]))
     console = hub_opts["console"]
     if console is True:
         console = _print_console

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Metrics, Monitor
-from .cadence import Every
-from .events import RunContext
-from .media import Histogram, VectorStat
-from .options import positive_int
-from .proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
+from ..core.base import Metrics, Monitor
+from ..core.cadence import Every
+from ..core.events import RunContext
+from ..core.media import Histogram, VectorStat
+from ..core.options import positive_int
+from ..core.proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 
 class NormMonitor(Monitor):

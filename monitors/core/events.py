@@ -83,7 +83,7 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
     #: statistics of the prototypes and their gradient that several monitors need in the same
     #: event (row norms, the pre-step snapshot, the update's row norms), computed once; the hub
-    #: resets it before each event. See :mod:`monitors.proto_stats`
+    #: resets it before each event. See :mod:`monitors.core.proto_stats`
     proto_stats: ProtoStats = field(default_factory=ProtoStats, repr=False, compare=False)
 
     @property

@@ -9,7 +9,7 @@ Layout of a sweep directory (``--out`` of ``python -m pipeline sweep``)::
 
     sweep_state.json        STATE_FILE: {"version", "name", "file", "method", "metric", "swept",
                             "trials": {name: status record}, "updated"}; one writer (the sweep)
-    trials/<name>/          TRIALS_DIR: one trial's exp_dir (its records/, as monitors.records says)
+    trials/<name>/          TRIALS_DIR: one trial's exp_dir (its records/, as monitors.formats.records says)
         status.json         STATUS_FILE: that trial's status record (W&B agents write only these)
         log.txt             TRIAL_LOG: the trial's stdout and stderr
     summary.csv, summary.md SUMMARY_CSV, SUMMARY_MD: the table, written when the sweep ends

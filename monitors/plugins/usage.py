@@ -5,11 +5,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .base import Metrics, Monitor
-from .cadence import Every
-from .events import RunContext
-from .media import Histogram
-from .options import positive_int
+from ..core.base import Metrics, Monitor
+from ..core.cadence import Every
+from ..core.events import RunContext
+from ..core.media import Histogram
+from ..core.options import positive_int
 
 
 def _mean_assignment(x: torch.Tensor) -> torch.Tensor:
