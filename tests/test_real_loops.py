@@ -247,3 +247,32 @@ def test_summed_gradient_is_told_under_grad_scaler(tmp_path):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["mean"] == [], r["mean"]
         assert r["sum"] == [["PROTO_GRAD_NOT_AVERAGED", "warning"]], r["sum"]
+
+
+def test_scaler_found_only_at_the_step_still_gives_unscaled_norms():
+    """A scaler the backward-time search cannot see (held in a list, not a local or an attribute):
+    found at the first optimizer.step() (GradScaler.step is on the stack), the first step's
+    gradient work is redone on the unscaled gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 8))
+    layer = nn.Linear(8, 20, bias=False)
+    opt = torch.optim.SGD([*model.parameters(), *layer.parameters()], lr=0.05)
+    holder = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)]
+    sink = RecordingSink()
+    hub = attach(opt, layer, model=nn.Sequential(model, layer), run=False, sinks=[sink], console=False,
+                 log_every=5, monitors=["gradients"])
+    seen, handle = _true_grad_norms()
+    try:
+        for _ in range(3):
+            loss = -torch.log_softmax(layer(nn.functional.normalize(model(torch.randn(16, 12)), dim=-1)) / 0.1,
+                                      -1).mean()
+            opt.zero_grad()
+            holder[0].scale(loss).backward()
+            holder[0].step(opt)
+            holder[0].update()
+    finally:
+        handle.remove()
+    hub.close()
+    rows = dict(sink.rows)
+    for step in range(3):
+        assert rows[step]["proto/grad/raw_norm"] == pytest.approx(seen[step][id(layer.weight)], rel=1e-5), step

@@ -16,7 +16,8 @@ on_after_backward          ``prototypes.register_post_accumulate_grad_hook``: at
                            pass (queued on the autograd engine, so every gradient is there), once per
                            optimizer step: at the ``accumulate_grad_batches``-th backward (default 1).
                            If it did not fire (no gradient, non-leaf prototypes, fewer backward passes),
-                           ``optimizer.step()`` emits it first.
+                           ``optimizer.step()`` emits it first. Under a ``torch.amp.GradScaler``
+                           ``optimizer.step()`` always emits it: the gradients are unscaled only there.
 on_before_optimizer_step   ``optimizer.register_step_pre_hook``: after the loop's own clipping.
 on_after_optimizer_step    ``optimizer.register_step_post_hook``, then ``on_step_end`` with the
 on_step_end                :class:`StepOutputs` that could be captured; then ``ctx.step += 1``.
@@ -36,7 +37,7 @@ labels) can be handed over with ``hub.log_outputs(...)`` before ``optimizer.step
 
 Limits of a foreign loop: the loss is not visible unless handed over; an optimizer whose ``step(closure)`` runs the backward inside ``step()`` (LBFGS, Lightning's
 automatic optimization: use the Lightning callback there) sees ``on_before_optimizer_step`` before
-the backward. A skipped step (``GradScaler`` on inf) emits nothing and does not count.
+the backward. A skipped step (``GradScaler`` on inf) emits nothing, does not count, and what was captured for it is dropped.
 """
 from __future__ import annotations
 

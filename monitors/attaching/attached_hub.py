@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..core.cadence import Every
-from ..core.grad_scaling import find_grad_scaler, is_scaling
+from .scaled_steps import ScaledSteps
 from .capture import INPUT, CaptureChoice, Discovery, EvalCapture, detach_value, soft_assignments, stack_outputs
 from ..health.checkpoint_check import check_checkpoint
 from ..core.events import RunContext, StepOutputs
@@ -40,7 +40,7 @@ def auto_capture_every(ctx: RunContext) -> int:
     return AUTO_CAPTURE_EVERY_LARGE_K if large else AUTO_CAPTURE_EVERY
 
 
-class AttachedHub(MonitorHub):
+class AttachedHub(ScaledSteps, MonitorHub):
     """A :class:`MonitorHub` that drives its own events from hooks on a foreign loop.
 
     Adds to the hub: :meth:`detach`, :meth:`log_embeddings`, :meth:`capture`,
@@ -77,12 +77,6 @@ class AttachedHub(MonitorHub):
         self._assign: Optional[torch.Tensor] = None  # (N, K) derived at the pre-step hook
         self._group_index: Optional[int] = None
         self._started = False
-        # torch.amp.GradScaler (monitors/core/grad_scaling.py): found on the call stack; with it the
-        # gradient work waits for optimizer.step(), where the gradients are unscaled
-        self._scaler: Any = None
-        self._scaler_checked = False      # the backward-time search is over (a step was taken)
-        self._boundary: Optional[tuple[int, dict[str, Any]]] = None  # chunks, outputs at the last boundary
-        self.skipped_steps = 0            # steps GradScaler skipped on inf/NaN: not counted, not logged
         self._discovery: Optional[Discovery] = (
             Discovery(ctx.model, ctx.prototypes, self._install_capture, teacher=ctx.teacher) if auto_capture and capture is None and isinstance(ctx.model, nn.Module) else None)
         self._install_hooks(optimizer_hooks=install_hooks)
@@ -163,14 +157,7 @@ class AttachedHub(MonitorHub):
         GradScaler: at ``optimizer.step()``, once the gradients are unscaled)."""
         if self._discovery is not None and not self._discovery.done:
             self._install_capture(self._discovery.choose())  # every forward pass of the step has run
-        if self._scaler is None and not self._scaler_checked:
-            self._scaler = find_grad_scaler(locals_too=True)
-        if self._scaler is not None and is_scaling(self._scaler):
-            if self._n_backward >= self.accumulate_grad_batches:  # the last boundary had no step: skipped
-                self._forget_skipped_step()
-            self._n_backward += 1
-            if self._n_backward >= self.accumulate_grad_batches:
-                self._boundary = (len(self._step_chunks), dict(self._explicit))
+        if self._scaled_backward():  # scaled gradients: after_backward waits for optimizer.step()
             return
         self._n_backward += 1
         if not self._backward_emitted and self._n_backward >= self.accumulate_grad_batches:
@@ -180,29 +167,9 @@ class AttachedHub(MonitorHub):
         self._backward_emitted = True
         super().after_backward(ctx)
 
-    def _forget_skipped_step(self) -> None:
-        """GradScaler skipped the last step (inf/NaN gradients: no ``optimizer.step()``): drop what
-        was captured for it; it is neither counted nor logged."""
-        n, explicit = self._boundary or (0, {})
-        del self._step_chunks[:n]
-        self._explicit = {k: v for k, v in self._explicit.items() if explicit.get(k) is not v}
-        self._n_backward = 0
-        self._backward_emitted = False
-        self._assign = None
-        self._boundary = None
-        self.skipped_steps += 1
-
     def before_step(self, ctx: Optional[RunContext] = None) -> None:
         """Right before ``optimizer.step()``: parameters still old, gradients final (unscaled)."""
-        rerun = False
-        if self._scaler is None:
-            found = find_grad_scaler(locals_too=False, max_depth=10)  # GradScaler.step calls us: exact
-            if found is not None:
-                self._scaler = found
-                rerun = self._backward_emitted and is_scaling(found)  # it ran on the scaled gradients
-        self._scaler_checked = True
-        if self._scaler is not None:
-            self.ctx.extra["grad_scaler"] = self._scaler
+        rerun = self._scaler_at_step()  # a GradScaler found only now: redo on the unscaled gradients
         if not self._backward_emitted or rerun:
             self.after_backward(ctx)
         if self._discovery is not None and not self._discovery.done:
@@ -227,7 +194,6 @@ class AttachedHub(MonitorHub):
         self._step_chunks = []
         self._explicit = {}
         self._assign = None
-        self._boundary = None
 
     def optimizer_step_starting(self) -> None:
         """What the optimizer's pre-step hook calls: :meth:`before_step`."""

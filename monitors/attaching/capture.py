@@ -170,7 +170,7 @@ class Discovery:
         prio, _, name, key, module, t = min(self.cands, key=lambda c: (c[0], -c[1]))
         if prio > 0:  # the same tensor returned by a submodule first (a head's output passed through)
             same = [c for c in self.cands if c[0] == prio and c[4] is not module and _same_tensor(c[5], t)
-                    and c[2].startswith(name) and len(c[2]) > len(name)]
+                    and (not name or c[2].startswith(name + "."))]
             if same:
                 _, _, name, key, module, t = min(same, key=lambda c: len(c[2]))
         chunks = [c[5] for c in self.cands if c[2] == name and c[3] == key and c[4] is module]
