@@ -53,11 +53,12 @@ class ScaledSteps:
         self.skipped_steps += 1
 
     def _scaler_at_step(self) -> bool:
-        """At ``optimizer.step()`` (the gradients are unscaled): look for the scaler among the
-        callers (``GradScaler.step``: exact) and hand it to ``ctx.extra["grad_scaler"]``. True when
+        """At ``optimizer.step()`` (the gradients are unscaled): at the first step taken, look for
+        the scaler among the callers (``GradScaler.step``: exact; a loop without one at its first
+        step is taken to have none) and hand it to ``ctx.extra["grad_scaler"]``. True when
         ``after_backward`` already ran on this step's scaled gradients and must run again."""
         rerun = False
-        if self._scaler is None:
+        if self._scaler is None and not self._scaler_checked:  # the first step taken decides
             found = find_grad_scaler(locals_too=False, max_depth=10)
             if found is not None:
                 self._scaler = found
