@@ -1,10 +1,11 @@
 """The reference SDPN training loop. It tells the story in order and emits the monitor events
 of ``monitors.events.EVENTS``; it does not know which monitors exist.
 
-The pieces it calls: :mod:`pipeline.build` (device, data, networks, optimizer, schedules, the
-monitor hub), :mod:`pipeline.step` (the parts of one optimizer step), :mod:`pipeline.run_state`
-(resuming and checkpointing), :mod:`pipeline.run_eval` (evaluation and on_embeddings) and
-:mod:`pipeline.loop_control` (stop signals, progress bar)."""
+The pieces it calls: :mod:`pipeline.build` (device, data, networks, optimizer, the monitor hub),
+:mod:`pipeline.schedules` (lr, weight decay, momentum, the prototype freeze), :mod:`pipeline.step`
+(the parts of one optimizer step), :mod:`pipeline.run_state` (resuming and checkpointing),
+:mod:`pipeline.run_eval` (evaluation and on_embeddings) and :mod:`pipeline.loop_control` (stop
+signals, progress bar)."""
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ from monitors.sinks import check_online_credentials
 
 from . import checkpoint as ckpt
 from .build import (amp_setup, build_hub, build_loss, build_networks, build_optimizer, finish_distributed,
-                    init_distributed, load_data, make_schedules, resolve_device)
+                    init_distributed, load_data, resolve_device)
 from .config import Config
 from .data import Fbank
 from .loader import TrainFeed
@@ -29,8 +30,8 @@ from .loop_control import Progress, StopSignal
 from .models import ema_update
 from .run_eval import RunEvaluator, report_final
 from .run_state import RunCheckpointer, find_resume_state, nonfinite_seen, restore, resume_command
-from .step import (apply_schedule, average_prototype_grad, clip_per_parameter, freeze_prototypes, optimizer_step,
-                   view_major)
+from .schedules import apply_schedule, make_schedules
+from .step import average_prototype_grad, clip_per_parameter, freeze_prototypes, optimizer_step, view_major
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +71,6 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     fbank = Fbank().to(device)
     autocast, scaler = amp_setup(cfg.amp, device)
     sched = make_schedules(cfg, total_steps, per_epoch, world)
-    freeze_steps = cfg.freeze_last_layer * per_epoch
 
     # -- monitors and sinks --------------------------------------------------------------------
     state, resumed_from = find_resume_state(cfg, manager, rank)
@@ -78,7 +78,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     backbone_params = [p for n, p in student.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in student.named_parameters() if n.startswith("head.")]
     ctx = RunContext(prototypes=prototypes, optimizer=optimizer, model=student, teacher=teacher,
-                     config=cfg.to_dict(), rank=rank, world_size=world, freeze_steps=freeze_steps,
+                     config=cfg.to_dict(), rank=rank, world_size=world, freeze_steps=sched.freeze_steps,
                      param_groups={"backbone": backbone_params, "head": head_params},
                      exp_dir=str(exp_dir) if rank == 0 else None)
 
@@ -156,7 +156,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                     scaler.unscale_(optimizer)         # monitors and clipping see the true gradients
                 hub.emit("on_after_backward", ctx)
                 clip_per_parameter(clip_params, cfg.clip_grad)
-                if step < freeze_steps:
+                if sched.frozen(step):
                     freeze_prototypes(cfg, student, prototypes)
                 hub.emit("on_before_optimizer_step", ctx)
                 optimizer_step(optimizer, scaler)
