@@ -86,10 +86,13 @@ def inspect_series(paths: Sequence[str | os.PathLike], *, key: Optional[str] = N
                 row["drift"] = relative_distance(P, first)
             if where.teacher is not None:
                 row["student_teacher"] = relative_distance(P, effective_weight(flat, where.teacher))
-            keep = P.clone() if P.data_ptr() == flat[where.student].data_ptr() else P  # not a view of the file
+            # keep two (K, D) copies in all: the first checkpoint's and the previous one's (refilled in place)
+            if prev is not None and prev is not first and prev.shape == P.shape:
+                prev.copy_(P)
+            else:
+                prev = P.clone() if P.data_ptr() == flat[where.student].data_ptr() else P  # not a view of the file
             if first is None:
-                first = keep if prev is None else first
-            prev = keep
+                first = prev
         prev_rest, prev_teacher = rest_fp, teacher_fp
         row["seconds"] = round(time.perf_counter() - t0, 3)
         report.rows.append(row)

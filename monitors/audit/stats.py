@@ -22,7 +22,7 @@ def table_stats(P: torch.Tensor, dup_cosine: float) -> dict[str, float | int | b
     SAMPLE_ABOVE prototypes, else of a fixed evenly spaced sample of SAMPLE_ROWS (``sampled``)."""
     K = P.shape[0]
     norms = P.norm(dim=1)  # (K,)
-    nonfinite = int((~torch.isfinite(P)).sum())
+    nonfinite = sum(int((~torch.isfinite(P[i:i + _BLOCK_ROWS])).sum()) for i in range(0, K, _BLOCK_ROWS))
     idx = row_sample(K, SAMPLE_ABOVE, SAMPLE_ROWS, torch.device("cpu"))
     S = P if idx is None else P[idx]
     S = torch.nan_to_num(S, nan=0.0, posinf=0.0, neginf=0.0)
