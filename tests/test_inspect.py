@@ -370,3 +370,25 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert monitors_main(["inspect", str(tmp_path)]) == 2
     assert "no checkpoint files" in capsys.readouterr().err
+
+
+def test_truncated_file_left_out_and_a_pickled_module_with_trust_pickle(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = Net(ProtoHead())
+    torch.save({"model": net.state_dict(), "step": 1}, tmp_path / "ckpt-1.pt")
+    with torch.no_grad():
+        net.head.prototypes.add_(0.1)
+    torch.save({"model": net.state_dict(), "step": 2}, tmp_path / "ckpt-2.pt")
+    data = (tmp_path / "ckpt-2.pt").read_bytes()
+    (tmp_path / "ckpt-3.pt").write_bytes(data[: len(data) // 2])  # killed while writing
+    report = inspect_series([tmp_path])
+    assert [r["label"] for r in report.rows] == ["step 1", "step 2"]
+    assert any("ckpt-3.pt: left out, it could not be read" in n for n in report.notes)
+    with pytest.raises(ValueError, match="none of the 1 checkpoint files could be read"):
+        inspect_series([tmp_path / "ckpt-3.pt"])
+    # torch.save(model): a whole pickled module needs --trust-pickle, and is then read like its state_dict
+    torch.save(net, tmp_path / "whole.pt")
+    assert monitors_main(["inspect", str(tmp_path / "whole.pt")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert monitors_main(["inspect", str(tmp_path / "whole.pt"), "--trust-pickle", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"][0]["prototypes"] == "head.prototypes"

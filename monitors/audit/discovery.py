@@ -50,6 +50,8 @@ def flatten(obj: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, t
     """(path, tensor) of every tensor in nested mappings, lists and tuples."""
     if depth > 16:
         return
+    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):  # a whole pickled object (--trust-pickle)
+        obj = obj.state_dict()
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
     elif isinstance(obj, Mapping):
@@ -61,7 +63,8 @@ def flatten(obj: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, t
 
 
 def _is_model_path(path: str) -> bool:
-    return not _NOT_MODEL.search(path.split("/", 1)[0])
+    """Not under an optimizer, schedule, RNG or monitor entry, nor a loss module's state (DINO's center)."""
+    return not _NOT_MODEL.search(path.split("/", 1)[0]) and not any("loss" in t for t in _tokens(path))
 
 
 def _is_stats(path: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -54,7 +55,11 @@ def inspect_series(paths: Sequence[str | os.PathLike], *, key: Optional[str] = N
         if progress is not None:
             progress(i, len(files), str(f.path))
         t0 = time.perf_counter()
-        checkpoint = load_checkpoint(f.path, trust_pickle=trust_pickle, mmap=True)
+        try:
+            checkpoint = load_checkpoint(f.path, trust_pickle=trust_pickle, mmap=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # truncated, not a checkpoint
+            report.notes.append(f"{f.path}: left out, it could not be read ({type(exc).__name__}; truncated?)")
+            continue
         label, number = label_of(f, checkpoint, i)
         flat = dict(flatten(checkpoint))
         where = locate(flat, key)
@@ -100,6 +105,8 @@ def inspect_series(paths: Sequence[str | os.PathLike], *, key: Optional[str] = N
         gc.collect()  # drop the file's mapping before the next one is mapped
     if progress is not None:
         progress(len(files), len(files), "")
+    if not report.rows:
+        raise ValueError(f"none of the {len(files)} checkpoint files could be read: {'; '.join(report.notes)}")
     report.findings = judge(report.rows, dup_cosine=dup_cosine, dup_fraction=dup_fraction)
     return report
 
