@@ -392,3 +392,13 @@ def test_truncated_file_left_out_and_a_pickled_module_with_trust_pickle(tmp_path
     assert "--trust-pickle" in capsys.readouterr().err
     assert monitors_main(["inspect", str(tmp_path / "whole.pt"), "--trust-pickle", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoints"][0]["prototypes"] == "head.prototypes"
+
+
+def test_exp_dir_with_records_is_refused(tmp_path, capsys):
+    torch.save({"model": {"prototypes": torch.randn(4, 3)}, "step": 1}, tmp_path / "ckpt-1.pt")
+    (tmp_path / "out" / "records").mkdir(parents=True)
+    (tmp_path / "out" / "records" / "metrics.jsonl").write_text('{"trainer/step": 0}\n')
+    assert monitors_main(["inspect", str(tmp_path / "ckpt-1.pt"), "--exp-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds records" in err and "pass a new directory" in err
+    assert (tmp_path / "out" / "records" / "metrics.jsonl").read_text() == '{"trainer/step": 0}\n'

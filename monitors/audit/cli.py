@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Inspect, print, write; the exit code."""
     from .inspect import inspect_series
-    from .output import format_table, write_exp_dir
+    from .output import check_exp_dir, format_table, write_exp_dir
 
     def progress(i: int, n: int, path: str) -> None:
         if n >= 5 and not args.quiet:
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"inspect: [{i}/{n}] {path}".ljust(60) if path else f"inspect: [{n}/{n}] done".ljust(60),
                   end=end, file=sys.stderr, flush=True)
 
+    if args.exp_dir:
+        check_exp_dir(args.exp_dir)  # before the work, not after it
     report = inspect_series(args.paths, key=args.key, trust_pickle=args.trust_pickle, dup_cosine=args.dup_cosine,
                             progress=progress)
     run_dir = write_exp_dir(report, args.exp_dir) if args.exp_dir else None

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..records import LocalSink, records_dir
+from ..records import METRICS_FILE, LocalSink, records_dir
 from .inspect import Report
 
-__all__ = ["format_table", "metrics_of", "write_exp_dir"]
+__all__ = ["check_exp_dir", "format_table", "metrics_of", "write_exp_dir"]
 
 #: row field -> the metric name a live run logs it under (where one exists)
 METRICS: dict[str, str] = {
@@ -84,12 +84,21 @@ def metrics_of(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_exp_dir(exp_dir: str | os.PathLike) -> None:
+    """Raise ValueError if ``exp_dir`` already holds records: never mix into a run's own records."""
+    metrics = records_dir(exp_dir) / METRICS_FILE
+    if metrics.exists():
+        raise ValueError(f"--exp-dir {exp_dir} already holds records ({metrics}): pass a new directory")
+
+
 def write_exp_dir(report: Report, exp_dir: str | os.PathLike, wandb_mode: str = "offline") -> Optional[str]:
     """Write the local records (and, unless ``wandb_mode`` is ``disabled``, an offline W&B run) of
-    the series under ``exp_dir``; returns the W&B run directory, or None."""
+    the series under ``exp_dir``; returns the W&B run directory, or None. Raises ValueError when
+    ``exp_dir`` already holds records (a training run's, or an earlier inspection's)."""
     from ..sinks import WandbSink
 
     exp_dir = Path(exp_dir)
+    check_exp_dir(exp_dir)
     rows = [(int(r["number"]), metrics_of(r)) for r in report.rows]
     warn = [f for f in report.findings if f.severity in ("warning", "error")]
     summary = {"health/errors": sum(f.severity == "error" for f in report.findings),
