@@ -402,3 +402,38 @@ def test_exp_dir_with_records_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds records" in err and "pass a new directory" in err
     assert (tmp_path / "out" / "records" / "metrics.jsonl").read_text() == '{"trainer/step": 0}\n'
+
+
+def test_checkpoints_written_by_lightnings_trainer(tmp_path):
+    """The same through Lightning itself (ModelCheckpoint every epoch, save_last): its files load
+    with weights_only=True and the allowlist, and last.ckpt is left out."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class SwAVLike(pl.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.backbone = nn.Sequential(nn.Linear(D_IN, D), nn.ReLU())
+            self.prototypes = nn.Linear(D, K, bias=False)
+
+        def training_step(self, batch, batch_idx):
+            s = self.prototypes(F.normalize(self.backbone(batch[0]), dim=-1))
+            t = F.softmax(s.detach() / 0.05, dim=-1)
+            return -(t * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, D_IN)), batch_size=16)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, save_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_epochs=3, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu").fit(SwAVLike(), data)
+    report = inspect_series([tmp_path])
+    assert [r["label"] for r in report.rows] == ["step 4", "step 8", "step 12"]
+    assert any("last.ckpt: left out" in n for n in report.notes)
+    assert report.rows[-1]["prototypes"] == "state_dict/prototypes.weight"
+    assert report.rows[-1]["unchanged"] == 0.0 and report.rows[-1]["optimizer_state"] is True
+    assert codes(report) == []
