@@ -147,6 +147,8 @@ def test_sdpn_prototypes_never_saved_lists_the_candidates(tmp_path, capsys):
     assert "PROTO_NOT_IN_CHECKPOINT" not in codes(report)
     with pytest.raises(ValueError, match="names no 2-D tensor.*student/head.mlp.2.weight"):
         inspect_series([tmp_path], key="nothing.here")
+    with pytest.raises(ValueError, match="--key 'weight' matches 3 tensors .*name one of them in full"):
+        inspect_series([tmp_path], key="weight")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -130,10 +130,15 @@ def locate(flat: Mapping[str, torch.Tensor], key: Optional[str] = None) -> Locat
         r = _rank(path)
         if r is not None:
             found.append((r, path))
-    students = sorted((r, p) for r, p in found if not is_teacher_path(p) or (key is not None and r == 0))
+    students = sorted((is_teacher_path(p), r, p) for r, p in found if not is_teacher_path(p) or (key is not None and r == 0))
     if not students:
         return Located(candidates=two_dim_tensors(flat))
-    student = students[0][1]
+    if key is not None:
+        best = [p for t, r, p in students if (t, r) == students[0][:2]]
+        if len(best) > 1:
+            raise ValueError(f"--key {key!r} matches {len(best)} tensors ({', '.join(best[:6])}"
+                             f"{', ...' if len(best) > 6 else ''}): name one of them in full")
+    student = students[0][2]
     shape = flat[student].shape
     canon = _canonical(student)
     teachers = sorted((r, p) for r, p in found if p != student and is_teacher_path(p) and flat[p].shape == shape)
