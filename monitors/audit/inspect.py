@@ -48,6 +48,7 @@ def inspect_series(paths: Sequence[str | os.PathLike], *, key: Optional[str] = N
     files, notes = find_series(paths)
     report = Report(notes=notes)
     first: Optional[torch.Tensor] = None
+    P: Optional[torch.Tensor] = None
     prev: Optional[torch.Tensor] = None
     prev_rest: Optional[dict[str, bytes]] = None
     prev_teacher: Optional[dict[str, bytes]] = None
@@ -102,6 +103,7 @@ def inspect_series(paths: Sequence[str | os.PathLike], *, key: Optional[str] = N
         row["seconds"] = round(time.perf_counter() - t0, 3)
         report.rows.append(row)
         del checkpoint, flat, rest, where
+        P = None  # a view of the mapped file: the mapping must go before the next file is mapped
         gc.collect()  # drop the file's mapping before the next one is mapped
     if progress is not None:
         progress(len(files), len(files), "")

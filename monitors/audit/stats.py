@@ -14,6 +14,7 @@ from ..proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 __all__ = ["table_stats", "movement", "relative_distance", "fingerprints", "changed"]
 
 _BLOCK_ROWS = 4096
+_GRAM_ROWS = 256
 
 
 def table_stats(P: torch.Tensor, dup_cosine: float) -> dict[str, float | int | bool]:
@@ -29,10 +30,10 @@ def table_stats(P: torch.Tensor, dup_cosine: float) -> dict[str, float | int | b
     S = S / S.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (m, D)
     m = S.shape[0]
     best = torch.full((m,), -1.0)
-    for i in range(0, m, 1024):
-        block = S[i:i + 1024] @ S.T  # (b, m)
+    for i in range(0, m, _GRAM_ROWS):
+        block = S[i:i + _GRAM_ROWS] @ S.T  # (b, m): 4 MiB at m = 4,096
         block[torch.arange(block.shape[0]), torch.arange(i, i + block.shape[0])] = -1.0  # not itself
-        best[i:i + 1024] = block.max(dim=1).values
+        best[i:i + _GRAM_ROWS] = block.max(dim=1).values
     finite = torch.isfinite(norms)
     return {
         "norm_mean": float(norms[finite].mean()) if finite.any() else float("nan"),
