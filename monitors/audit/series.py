@@ -12,7 +12,7 @@ __all__ = ["CHECKPOINT_SUFFIXES", "SeriesFile", "find_series", "label_of"]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
 _STEP = re.compile(r"step[=_-]?(\d+)", re.I)
-_EPOCH = re.compile(r"(?:epoch|ep)[=_-]?(\d+)", re.I)
+_EPOCH = re.compile(r"(?<![a-z])(?:epoch|ep)[=_-]?(\d+)", re.I)
 _EPOCH_NAMES = re.compile(r"^(model|checkpoint)_?(\d+)$", re.I)  # WeSpeaker model_<epoch>, DINO checkpoint0003
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
