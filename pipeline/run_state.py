@@ -52,7 +52,7 @@ def find_resume_state(cfg: Config, manager: ckpt.CheckpointManager, rank: int
     Rank 0 clears the temporaries a killed run left first; a resumed config must match."""
     if rank == 0:
         manager.clean_temporaries()
-    found = manager.load_newest_good(repoint=rank == 0) if cfg.resume else None
+    found = manager.load_newest_good(repoint=rank == 0, trust_pickle=cfg.trust_pickle) if cfg.resume else None
     if found is not None:
         state, resumed_from = found
         ckpt.check_resume_config(state.get("config", {}), cfg.to_dict(), resumed_from)
