@@ -66,7 +66,11 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, mmap
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return _load(path, mmap=mmap, weights_only=True, map_location=map_location)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower() and "GLOBAL" not in str(exc):
+        # only a named global (a class or function to import and call) makes a file unsafe; an
+        # unsupported opcode alone is a corrupt or foreign file, reported as unreadable
+        if "GLOBAL" not in str(exc) and "weights only" not in str(exc).lower():
+            raise
+        if "GLOBAL" not in str(exc) and re.search(r"Unsupported operand \d+", str(exc)):
             raise
         raise UnsafeCheckpointError(
             f"checkpoint {path} was not loaded: it needs arbitrary pickle ({_refused_global(exc)} is not a "
