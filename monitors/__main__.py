@@ -1,13 +1,16 @@
-"""Command line of the monitors package: ``python -m monitors dashboard PATH [--watch]``."""
+"""Command line of the monitors package: ``python -m monitors dashboard PATH [--watch]`` and
+``python -m monitors inspect PATH... [--key K] [--json] [--exp-dir DIR] [--trust-pickle]``."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
+from .audit.cli import add_parser as add_inspect_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m monitors", description="Tools that read the records of protowatch runs.")
+    p = argparse.ArgumentParser(prog="python -m monitors", description="Tools that read the records and checkpoints of protowatch runs.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "dashboard", help="write a self-contained HTML dashboard of a run or a sweep",
@@ -28,11 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--watch", action="store_true", help="keep rewriting the file while the run is live")
     d.add_argument("--interval", type=float, default=10.0,
                    help="seconds between two rewrites with --watch, and the page's reload period (default 10)")
+    add_inspect_parser(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        try:
+            return args.func(args)
+        except (FileNotFoundError, ValueError) as exc:  # UnsafeCheckpointError is a ValueError
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from .dashboard import watch, write_dashboard
 
     try:

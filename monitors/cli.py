@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ._version import __version__
+from . import __version__
 
 # the subcommands of pipeline/cli.py (tests/test_package.py checks this list against its parser);
 # written here so that --help lists them without importing the pipeline or its extras

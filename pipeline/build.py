@@ -1,16 +1,15 @@
 """Building a training run from its config, in the order :func:`pipeline.train.train` calls
 these: the device and process group, the data, the networks and prototypes, the loss, the
-optimizer, mixed precision, the schedules, and the monitor hub with its sinks."""
+optimizer, mixed precision, and the monitor hub with its sinks (the schedules:
+:mod:`pipeline.schedules`)."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,7 +21,6 @@ from .config import Config
 from .data import KaldiDir, SDPNTrainSet, ensure_synthetic_corpus, read_kaldi_dir
 from .loss import SDPNLoss
 from .models import build_model, init_prototypes, param_groups
-from .schedules import cosine_schedule
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +93,7 @@ def load_data(cfg: Config, rank: int, world: int) -> tuple[SDPNTrainSet, Optiona
 
 
 # ----------------------------------------------------------------------------------------------
-# networks, prototypes, loss, optimizer, precision, schedules
+# networks, prototypes, loss, optimizer, precision
 # ----------------------------------------------------------------------------------------------
 def make_prototypes(cfg: Config, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -152,28 +150,6 @@ def amp_setup(amp: str, device: torch.device) -> tuple[Any, Optional[torch.amp.G
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
-
-
-@dataclass
-class Schedules:
-    """Per-step values, precomputed: learning rate, weight decay, teacher momentum."""
-    lr: np.ndarray
-    wd: np.ndarray
-    momentum: np.ndarray
-
-    def at(self, step: int) -> tuple[float, float, float]:
-        """(lr, wd, momentum) of ``step``, as Python floats."""
-        return float(self.lr[step]), float(self.wd[step]), float(self.momentum[step])
-
-
-def make_schedules(cfg: Config, total_steps: int, per_epoch: int, world: int) -> Schedules:
-    """Cosine schedules; the lr is scaled by the total batch / 256 and warms up first."""
-    batch_total = cfg.batch_size * world
-    return Schedules(
-        lr=cosine_schedule(cfg.lr * batch_total / 256.0, cfg.min_lr, total_steps, cfg.warmup_epochs * per_epoch),
-        wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps),
-        momentum=cosine_schedule(cfg.momentum_teacher, 1.0, total_steps),
-    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from monitors.formats.checkpoints import UnsafeCheckpointError, load_checkpoint
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -30,12 +32,18 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
+def load(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
+    """The checkpoint dict in ``path``, loaded without running pickle code (``weights_only=True``
+    and the allowlist of :mod:`monitors.formats.checkpoints`); ``trust_pickle=True`` loads any pickle.
+    Raises FileNotFoundError, UnsafeCheckpointError (it needs arbitrary pickle: the message names
+    ``--trust-pickle``) or ValueError (unreadable, e.g. truncated)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: train first, or pass the path of an existing checkpoint.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint(path, trust_pickle=trust_pickle, mmap=False)
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:
         others = [p.name for _, p in CheckpointManager(path.parent).step_files() if not _same_file(p, path)]
         hint = f" ({', '.join(others)} in the same directory)" if others else ""
@@ -44,16 +52,35 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as tensors and plain values only, so the checkpoint loads with
+    ``weights_only=True``: numpy's MT19937 keys and Python's Mersenne state as int64 tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states; also the previous format (numpy's state tuple, Python's
+    tuple), so checkpoints written before it still resume."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npst = state["numpy"]
+    if isinstance(npst, Mapping):
+        npst = (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)
+    pyst = state["python"]
+    if isinstance(pyst, Mapping):
+        pyst = (pyst["version"], tuple(int(x) for x in pyst["internal"].tolist()), pyst["gauss_next"])
+    random.setstate(pyst)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -161,11 +188,14 @@ class CheckpointManager:
         os.replace(tmp, self.pointer)
         _fsync_dir(self.dir)
 
-    def load_newest_good(self, log: Any = None, repoint: bool = True) -> Optional[tuple[dict[str, Any], Path]]:
+    def load_newest_good(self, log: Any = None, repoint: bool = True,
+                         trust_pickle: bool = False) -> Optional[tuple[dict[str, Any], Path]]:
         """The newest checkpoint that loads and is finite, with its path; None if there is no
         checkpoint at all. Each one skipped is reported through ``log`` (default: stderr).
         With ``repoint``, ``checkpoint.pt`` is made to name the one chosen.
-        Raises ValueError if checkpoints exist but none is usable."""
+        Raises ValueError if checkpoints exist but none is usable, and UnsafeCheckpointError (not
+        skipped: an earlier file would silently resume an older state) for one that needs
+        arbitrary pickle without ``trust_pickle``."""
         log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         candidates = [p for _, p in self.step_files()]
         if not candidates and self.pointer.is_file():  # a run from before step-numbered files
@@ -173,7 +203,9 @@ class CheckpointManager:
         skipped: list[str] = []
         for path in candidates:
             try:
-                state = load(path)
+                state = load(path, trust_pickle=trust_pickle)
+            except UnsafeCheckpointError as exc:
+                raise UnsafeCheckpointError(f"cannot resume: {exc}") from None
             except ValueError:
                 skipped.append(f"{path.name} (unreadable)")
                 log(f"skipping checkpoint {path}: it could not be read (truncated?); trying an earlier one")

@@ -15,7 +15,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["trust_pickle=true"] if args.trust_pickle else [])])
     result = train(cfg)
     if result.get("stopped_by", "").startswith("signal"):
         return 130
@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate_checkpoint import evaluate_checkpoint
 
-    res = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device)
+    res = evaluate_checkpoint(args.checkpoint, data=args.data, device=args.device, trust_pickle=args.trust_pickle)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "see pipeline/config.py for every key and why its default is what it is."))
     t.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML run config (default: {DEFAULT_CONFIG})")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_proto=512 max_steps=100")
+    t.add_argument("--trust-pickle", action="store_true",
+                   help="with resume=true: also resume from a checkpoint that needs arbitrary pickle (code in "
+                        "it runs when loaded; only for files from a trusted source). Same as trust_pickle=true")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="EER and minDCF of a checkpoint",
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="path to a checkpoint.pt written by train")
     e.add_argument("--data", default=None, help="Kaldi dir with wav.scp, utt2spk, trials (default: the run's eval data)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint that needs arbitrary pickle (code in it runs when loaded; only for "
+                        "files from a trusted source). Without it, checkpoints load with weights_only=True")
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("sweep", help="run a W&B-format sweep on this machine",

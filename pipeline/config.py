@@ -78,6 +78,8 @@ class Config:
     seed: int = 0
     exp_dir: str = "runs/sdpn"       # checkpoints, W&B run directory, local records
     resume: bool = False             # continue from the newest good checkpoint in exp_dir (same W&B run, same step)
+    trust_pickle: bool = False       # resume from a checkpoint that needs arbitrary pickle (code in it runs):
+                                     # only for files from a trusted source (also: train --trust-pickle)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     threads: int = 0                 # torch CPU threads per process (0: torch's default)
     amp: str = "none"                # none | bf16 | fp16 (fp16 adds a GradScaler; bf16 needs none)

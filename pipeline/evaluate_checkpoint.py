@@ -11,8 +11,9 @@ from .models import build_model
 from .build import resolve_data, resolve_device
 
 
-def evaluate_checkpoint(path: str, data: Optional[str] = None, device: str = "auto") -> dict[str, Any]:
-    state = ckpt.load(path)
+def evaluate_checkpoint(path: str, data: Optional[str] = None, device: str = "auto",
+                        trust_pickle: bool = False) -> dict[str, Any]:
+    state = ckpt.load(path, trust_pickle=trust_pickle)
     cfg = load_config(values=state["config"])
     dev = resolve_device(device)
     model = build_model(channels=cfg.channels, embed_dim=cfg.embed_dim, scale=cfg.scale,

@@ -79,14 +79,11 @@ class TrainFeed:
         self.dataset, self.batch_size, self.per_epoch = dataset, batch_size, per_epoch
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
         self.num_workers, self.prefetch_factor, self.max_bad_files = num_workers, prefetch_factor, max_bad_files
-        self.bad_paths: dict[str, str] = dict((state or {}).get("bad_paths", {}))
+        self.bad_paths: dict[str, str] = {}
         self.wait_seconds = 0.0    # total time next() waited for a batch
         self.last_wait_s = 0.0     # of the last batch
         self.batches_seen = 0
-        if state and state.get("num_items") not in (None, len(dataset)):
-            print(f"warning: the checkpoint's data had {state['num_items']} utterances, this one has "
-                  f"{len(dataset)}: the batch order after the resume differs from the original run",
-                  file=sys.stderr)
+        self.load_state_dict(state)
 
     @property
     def skipped_files(self) -> int:
@@ -94,6 +91,15 @@ class TrainFeed:
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_items": len(self.dataset), "bad_paths": dict(self.bad_paths), "seed": self.seed}
+
+    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+        """The skipped files of a checkpoint's ``data`` (None: none); a warning when its data had
+        another number of utterances."""
+        self.bad_paths = dict((state or {}).get("bad_paths", {}))
+        if state and state.get("num_items") not in (None, len(self.dataset)):
+            print(f"warning: the checkpoint's data had {state['num_items']} utterances, this one has "
+                  f"{len(self.dataset)}: the batch order after the resume differs from the original run",
+                  file=sys.stderr)
 
     def loader(self, start_step: int, total_steps: int) -> DataLoader:
         sampler = StepBatchSampler(len(self.dataset), self.batch_size, self.per_epoch, self.seed,

@@ -1,7 +1,7 @@
 """The pieces of one optimizer step that :func:`pipeline.train.train` calls between its monitor
-events: the crops in view-major order, the schedule applied to the param groups, the prototype
-gradient averaged over ranks, gradient clipping, the frozen prototypes of the first epochs, and
-the (scaled) optimizer step. None of them moves a value to the host."""
+events: the crops in view-major order, the prototype gradient averaged over ranks, gradient
+clipping, the frozen prototypes of the first epochs, and the (scaled) optimizer step. None of them
+moves a value to the host. (This step's lr and weight decay: :func:`pipeline.schedules.apply_schedule`.)"""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -20,14 +20,6 @@ def view_major(batch: Mapping[str, torch.Tensor], cfg: Config) -> tuple[torch.Te
     glb = glb.transpose(0, 1).reshape(cfg.glb_num * B, *glb.shape[2:])
     loc = loc.transpose(0, 1).reshape(cfg.local_num * B, *loc.shape[2:])
     return glb, loc, B
-
-
-def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    """This step's lr (times each group's ``lr_scale``) and the weight decay of the regularized group."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-        if g.get("name") == "regularized":
-            g["weight_decay"] = wd
 
 
 def average_prototype_grad(prototypes: torch.Tensor, world: int, cfg: Config) -> None:

@@ -1,10 +1,11 @@
 """The reference SDPN training loop. It tells the story in order and emits the monitor events
 of ``monitors.core.events.EVENTS``; it does not know which monitors exist.
 
-The pieces it calls: :mod:`pipeline.build` (device, data, networks, optimizer, schedules, the
-monitor hub), :mod:`pipeline.step` (the parts of one optimizer step), :mod:`pipeline.run_state`
-(resuming and checkpointing), :mod:`pipeline.run_eval` (evaluation and on_embeddings) and
-:mod:`pipeline.loop_control` (stop signals, progress bar)."""
+The pieces it calls: :mod:`pipeline.build` (device, data, networks, optimizer, the monitor hub),
+:mod:`pipeline.schedules` (lr, weight decay, momentum, the prototype freeze), :mod:`pipeline.step`
+(the parts of one optimizer step), :mod:`pipeline.run_state` (resuming and checkpointing),
+:mod:`pipeline.run_eval` (evaluation and on_embeddings) and :mod:`pipeline.loop_control` (stop
+signals, progress bar)."""
 from __future__ import annotations
 
 import os
@@ -21,16 +22,16 @@ from monitors.formats.sinks import check_online_credentials
 
 from . import checkpoint as ckpt
 from .build import (amp_setup, build_hub, build_loss, build_networks, build_optimizer, finish_distributed,
-                    init_distributed, load_data, make_schedules, resolve_device)
+                    init_distributed, load_data, resolve_device)
 from .config import Config
 from .data import Fbank
 from .loader import TrainFeed
 from .loop_control import Progress, StopSignal
 from .models import ema_update
 from .run_eval import RunEvaluator, report_final
-from .run_state import RunCheckpointer, find_resume_state, nonfinite_seen, restore, resume_command
-from .step import (apply_schedule, average_prototype_grad, clip_per_parameter, freeze_prototypes, optimizer_step,
-                   view_major)
+from .run_state import RunCheckpointer, TrainState, find_resume_state, nonfinite_seen, restore, resume_command
+from .schedules import apply_schedule, make_schedules
+from .step import average_prototype_grad, clip_per_parameter, freeze_prototypes, optimizer_step, view_major
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     manager = ckpt.CheckpointManager(exp_dir, keep=cfg.keep_checkpoints)
     ckpt_path = manager.pointer     # checkpoint.pt: a hard link to the newest good checkpoint-<step>.pt
 
-    # -- data, model, prototypes, loss, optimizer, schedules -------------------------------------
+    # -- data, model, prototypes, loss, optimizer, schedules, the run's state -------------------
     trainset, eval_data, per_epoch, total_steps = load_data(cfg, rank, world)
     student, teacher, student_ddp, prototypes = build_networks(cfg, device, world)   # prototypes (K, D)
     criterion = build_loss(cfg)
@@ -70,39 +71,37 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     fbank = Fbank().to(device)
     autocast, scaler = amp_setup(cfg.amp, device)
     sched = make_schedules(cfg, total_steps, per_epoch, world)
-    freeze_steps = cfg.freeze_last_layer * per_epoch
+    feed = TrainFeed(trainset, batch_size=cfg.batch_size, per_epoch=per_epoch, seed=cfg.seed, rank=rank,
+                     world=world, device=device, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                     max_bad_files=cfg.max_bad_files)
+    run = TrainState(student=student, teacher=teacher, student_ddp=student_ddp, prototypes=prototypes,
+                     optimizer=optimizer, scaler=scaler, feed=feed, per_epoch=per_epoch)
 
     # -- monitors and sinks --------------------------------------------------------------------
-    state, resumed_from = find_resume_state(cfg, manager, rank)
-    hub, wandb_sink = build_hub(cfg, rank, exp_dir, state, student, extra_monitors)
+    saved, resumed_from = find_resume_state(cfg, manager, rank)   # the checkpoint dict, or None
+    hub, wandb_sink = build_hub(cfg, rank, exp_dir, saved, student, extra_monitors)
     backbone_params = [p for n, p in student.named_parameters() if n.startswith("backbone.")]
     head_params = [p for n, p in student.named_parameters() if n.startswith("head.")]
     ctx = RunContext(prototypes=prototypes, optimizer=optimizer, model=student, teacher=teacher,
-                     config=cfg.to_dict(), rank=rank, world_size=world, freeze_steps=freeze_steps,
+                     config=cfg.to_dict(), rank=rank, world_size=world, freeze_steps=sched.freeze_steps,
                      param_groups={"backbone": backbone_params, "head": head_params},
                      exp_dir=str(exp_dir) if rank == 0 else None)
     if scaler is not None:  # the local gradient PROTO_GRAD_NOT_AVERAGED copies in backward is scaled
         ctx.extra["grad_scaler"] = scaler
 
     # -- resume --------------------------------------------------------------------------------
-    start_step = 0
-    if state is not None:
-        start_step = restore(state, student=student, teacher=teacher, prototypes=prototypes, optimizer=optimizer,
-                             hub=hub, ctx=ctx, device=device, per_epoch=per_epoch)
+    if saved is not None:
+        restore(saved, run, hub, ctx)
         if rank == 0:
-            print(f"resumed from {resumed_from} at step {start_step}", file=sys.stderr)
-
-    feed = TrainFeed(trainset, batch_size=cfg.batch_size, per_epoch=per_epoch, seed=cfg.seed, rank=rank,
-                     world=world, device=device, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                     max_bad_files=cfg.max_bad_files, state=(state or {}).get("data"))
-    checkpoints = RunCheckpointer(cfg, manager, hub, ctx, student=student, teacher=teacher, optimizer=optimizer,
-                                  prototypes=prototypes, feed=feed, wandb_sink=wandb_sink, rank=rank,
-                                  per_epoch=per_epoch, start_step=start_step, resumed=state is not None)
+            print(f"resumed from {resumed_from} at step {run.step}", file=sys.stderr)
+    start_step = run.step
+    checkpoints = RunCheckpointer(cfg, manager, hub, ctx, run, wandb_sink=wandb_sink, rank=rank,
+                                  resumed=saved is not None)
     evaluate = RunEvaluator(cfg, eval_data, fbank, device, hub, ctx, rank)
 
     # -- evaluation at initialisation ---------------------------------------------------------------
     result: dict[str, Any] = {}
-    if state is None and cfg.eval_at_init and evaluate.active:
+    if saved is None and cfg.eval_at_init and evaluate.active:
         init = evaluate(teacher, "init")
         result["eval/eer_at_init"] = init["eer"]
         hub.set_summary({"eval/eer_at_init": init["eer"], "eval/min_dcf_at_init": init["min_dcf"]})
@@ -115,22 +114,22 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     clip_params = list(student.parameters()) + proto_params
     progress = Progress(total_steps, start_step, enabled=cfg.progress and rank == 0)
     hub.emit("on_train_start", ctx)
-    if state is None and rank == 0:
+    if saved is None and rank == 0:
         # the state before the first step: a run that diverges before its first checkpoint can
         # still resume (written quietly: no on_save_checkpoint event, no flush)
-        checkpoints.save(0, emit=False)
-    step = start_step
+        checkpoints.save(emit=False)
     stopped_by = None
     nonfinite: Optional[str] = None
     last_t0: Optional[float] = None
     loop_t0 = time.perf_counter()
     batches = feed.batches(start_step, total_steps)  # the same batches for any num_workers / resume
     with StopSignal() as stop:
-        while step < total_steps:
-            epoch = step // per_epoch
-            for b in range(step % per_epoch, per_epoch):
-                if step >= total_steps or stop.signum is not None or hub.should_stop:
+        while run.step < total_steps:
+            epoch = run.epoch
+            for b in range(run.step % per_epoch, per_epoch):
+                if run.step >= total_steps or stop.signum is not None or hub.should_stop:
                     break
+                step = run.step                                         # this step's index
                 t0 = time.perf_counter()
                 if last_t0 is not None:  # the whole previous step: data, compute, monitors, logging
                     hub.log({"perf/step_ms": 1000.0 * (t0 - last_t0)}, step=step)
@@ -158,7 +157,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                     scaler.unscale_(optimizer)         # monitors and clipping see the true gradients
                 hub.after_backward(ctx)
                 clip_per_parameter(clip_params, cfg.clip_grad)
-                if step < freeze_steps:
+                if sched.frozen(step):
                     freeze_prototypes(cfg, student, prototypes)
                 hub.before_step(ctx)
                 optimizer_step(optimizer, scaler)
@@ -175,10 +174,10 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
                     schedules={"lr": lr, "wd": wd, "momentum": m},
                 )
                 hub.end_step(outputs, ctx, epoch=epoch)
-                step += 1
-                progress.update(step, hub.last_values)
-                if step % cfg.ckpt_every == 0 and step < total_steps:
-                    checkpoints.save(step)
+                run.step = step + 1
+                progress.update(run.step, hub.last_values)
+                if run.step % cfg.ckpt_every == 0 and run.step < total_steps:
+                    checkpoints.save()
                 if cfg.on_nonfinite == "stop":  # host values of the last flush: no sync here
                     nonfinite = nonfinite_seen(hub, start_step)
                     if nonfinite is not None:
@@ -193,7 +192,7 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
         elif hub.should_stop:
             stopped_by = "an error finding (stop_on_error=true)"
         if nonfinite is None:
-            checkpoints.save(step)
+            checkpoints.save()
     progress.close()
     loop_s = time.perf_counter() - loop_t0
     data_summary = {"data/skipped_files": feed.skipped_files,
@@ -203,11 +202,11 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
 
     if stopped_by is not None:
         if rank == 0:
-            print(_stop_message(cfg, manager, step, stopped_by, nonfinite is not None, checkpoints.last_good_step),
+            print(_stop_message(cfg, manager, run.step, stopped_by, nonfinite is not None, checkpoints.last_good_step),
                   file=sys.stderr)
         hub.close()
         finish_distributed(world)
-        result.update({"step": step, "stopped_by": stopped_by, "checkpoint": str(ckpt_path),
+        result.update({"step": run.step, "stopped_by": stopped_by, "checkpoint": str(ckpt_path),
                        "last_good_step": checkpoints.last_good_step})
         return result
 
@@ -221,12 +220,12 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
             print(f"prototypes on {world} ranks: max abs difference {diff:.3g}", file=sys.stderr)
 
     # -- final evaluation ----------------------------------------------------------------------------
-    ctx.step = max(step - 1, 0)
+    ctx.step = max(run.step - 1, 0)
     final = evaluate(teacher, "final")
     if final:
         print(report_final(final, result, hub, ctx.step), file=sys.stderr)
     hub.emit("on_train_end", ctx)
-    result.update({"step": step, "checkpoint": str(ckpt_path), "findings": [str(f) for f in hub.findings],
+    result.update({"step": run.step, "checkpoint": str(ckpt_path), "findings": [str(f) for f in hub.findings],
                    "health": hub.health_summary()})
     if wandb_sink is not None and hub.sink_active(wandb_sink):
         result["wandb_run_id"] = wandb_sink.run_id

@@ -200,7 +200,9 @@ def run_campaign(kills: int = 10, seed: int = 0, work: str | os.PathLike = "runs
         was_killed = rc == -signal.SIGKILL
         # -- the checks of this round's resume (what it started from) ---------------------------
         if probe.exists():
-            p = torch.load(probe, weights_only=False)
+            from monitors.formats.checkpoints import load_checkpoint
+
+            p = load_checkpoint(probe, mmap=False)  # weights_only=True: the probe holds tensors and ints
             exp_step = int(expected["step"]) if expected is not None else 0
             ok_step = p["step"] == exp_step
             ok_protos = expected is None or torch.equal(p["prototypes"], expected["prototypes"])

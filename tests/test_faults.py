@@ -112,7 +112,7 @@ def test_unreachable_wandb_server_run_completes_offline(micro, tmp_path):
     res = json.loads(out.stdout)
     assert res["wandb_run_dir"] == str(run_dir) and run_dir.name.endswith(res["wandb_run_id"])
     assert "train/loss" in history_keys(wandb_records(run_dir))  # the offline run has the history
-    assert torch.load(exp_dir / "checkpoint.pt", weights_only=False)["wandb_run_id"] == res["wandb_run_id"]
+    assert torch.load(exp_dir / "checkpoint.pt", weights_only=True)["wandb_run_id"] == res["wandb_run_id"]
 
 
 def test_online_mode_without_credentials_is_a_one_line_error_before_training(micro, tmp_path, monkeypatch, capsys):

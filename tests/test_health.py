@@ -12,7 +12,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def forward(model: nn.Module, P: torch.Tensor, x: torch.Tensor):
 
 class Setup:
     def __init__(self, seed: int = 0, in_optimizer: bool = True, proto_lr: Optional[float] = None,
-                 non_leaf: bool = False) -> None:
+                 non_leaf: bool = False, **doctor_options: Any) -> None:
         torch.manual_seed(seed)
         self.model = nn.Linear(IN, D)
         leaf = nn.Parameter(torch.empty(K, D).uniform_(-1 / math.sqrt(D), 1 / math.sqrt(D)))
@@ -62,7 +62,7 @@ class Setup:
             groups.append(g)
         self.opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
         self.sink = FakeSink()
-        self.doctor = HealthDoctor()
+        self.doctor = HealthDoctor(**doctor_options)
         self.hub = MonitorHub([self.doctor], sinks=[self.sink], log_every=5, console=None)
         self.ctx = RunContext(prototypes=self.P, optimizer=self.opt, model=self.model)
 
@@ -202,7 +202,7 @@ def test_intended_freeze_is_info_and_endless_cancel_is_error():
     s.ctx.freeze_steps = 5
     s.run(30, before_step=_cancel_grad(s, 10_000))
     f = s.first("PROTO_NO_GRAD", "error")
-    assert f is not None and f.step == 5 + s.doctor.patience  # patience counted after the freeze
+    assert f is not None and f.step == 5 + s.doctor.settings.patience  # patience counted after the freeze
     assert "PROTO_NOT_UPDATING" not in s.serious()  # no gradient: nothing to count
 
 
@@ -223,7 +223,7 @@ def test_only_prototype_lr_zero_for_long_is_warning():
     s = Setup(proto_lr=0.0)
     s.run(30)
     f = s.first("PROTO_LR_ZERO", "warning")
-    assert f is not None and f.step == s.doctor.patience
+    assert f is not None and f.step == s.doctor.settings.patience
     assert s.serious() == {"PROTO_LR_ZERO": "warning"}
 
 
@@ -252,8 +252,7 @@ def test_identical_inputs_collapse_then_error():
 
 
 def test_collapse_warmup_skips_early_steps():
-    s = Setup()
-    s.doctor.collapse_warmup = 100
+    s = Setup(collapse_warmup=100)
     row = torch.randn(1, IN)
     s.run(10, x_fn=lambda step: row.repeat(B, 1))
     assert "PROTO_COLLAPSE" not in s.serious()
@@ -369,7 +368,7 @@ def test_state_dict_round_trip_keeps_counters():
 
 def test_registry_options_and_codes_documented():
     (doc,) = build_monitors({"health": {"patience": 3, "collapse_warmup": 7}})
-    assert isinstance(doc, HealthDoctor) and doc.patience == 3 and doc.collapse_warmup == 7
+    assert isinstance(doc, HealthDoctor) and doc.settings.patience == 3 and doc.settings.collapse_warmup == 7
     with pytest.raises(ValueError, match="patience"):
         HealthDoctor(patience=-1)
     codes = [v for k, v in vars(health).items() if k.startswith(("PROTO_", "TEACHER_"))]

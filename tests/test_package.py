@@ -86,12 +86,12 @@ def test_console_command_help_and_version(installed, tmp_path):
     r = subprocess.run([str(installed / "protowatch"), "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for cmd in ("train", "evaluate", "sweep", "prepare", "dashboard"):
+    for cmd in ("train", "evaluate", "sweep", "prepare", "dashboard", "inspect"):
         assert f"\n  {cmd} " in r.stdout, (cmd, r.stdout)
     r = subprocess.run([str(installed / "protowatch"), "--version"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    from monitors._version import __version__
+    from monitors import __version__
     assert r.stdout.strip() == f"protowatch {__version__}"
     # a pipeline subcommand reaches pipeline.cli (its own parser answers)
     r = subprocess.run([str(installed / "protowatch"), "prepare", "--help"], cwd=tmp_path, env=env,

@@ -39,7 +39,7 @@ def test_training_end_to_end_through_real_wandb(micro):
     assert rec.events == expected
     assert all(o is not None and o.student_probs is not None and o.teacher_targets is not None for o in rec.outputs)
 
-    state = torch.load(Path(cfg.exp_dir) / "checkpoint.pt", weights_only=False)
+    state = torch.load(Path(cfg.exp_dir) / "checkpoint.pt", weights_only=True)
     for key in ("student", "teacher", "prototypes", "optimizer", "step", "rng", "monitor_hub", "wandb_run_id"):
         assert key in state, key
     assert state["step"] == 6 and state["wandb_run_id"] == res["wandb_run_id"]
@@ -96,7 +96,7 @@ def test_sigkill_after_first_checkpoint_resumes(micro, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    saved = torch.load(ckpt_path, weights_only=False)
+    saved = torch.load(ckpt_path, weights_only=True)
     assert saved["step"] >= 3
 
     rec = Recorder()
@@ -117,7 +117,7 @@ def test_sigterm_writes_a_checkpoint_then_exits(micro, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    saved = torch.load(records.parent.parent / "checkpoint.pt", weights_only=False)
+    saved = torch.load(records.parent.parent / "checkpoint.pt", weights_only=True)
     assert 0 < saved["step"] < 200 and "prototypes" in saved
     assert "continue with resume=true" in err
 

@@ -175,7 +175,7 @@ def test_duplicate_check_is_spread_over_log_intervals():
             assert found == [], interval           # the check is not complete yet
         else:
             assert found == ["PROTO_DUPLICATES"]    # judged once its 128 rows are compared
-    assert doc.dup_checked_rows == 128
+    assert doc.interval.duplicates.checked_rows == 128
 
 
 def test_duplicate_check_of_a_small_k_is_one_interval_and_exact():
@@ -186,7 +186,7 @@ def test_duplicate_check_of_a_small_k_is_one_interval_and_exact():
     doc = HealthDoctor()
     ctx = RunContext(prototypes=P, step=9)
     doc.on_log(ctx)
-    assert doc.dup_checked_rows == K and doc.pop_findings() == []
+    assert doc.interval.duplicates.checked_rows == K and doc.pop_findings() == []
 
 
 @pytest.mark.parametrize("full_above, full_every", [(16384, 4), (8, 4)])

@@ -318,18 +318,21 @@ class AttachedHub(ScaledSteps, MonitorHub):
 
     # -- checkpoints ------------------------------------------------------------------------
     def check_checkpoint(self, checkpoint: Union[Mapping[str, Any], str, os.PathLike],
-                         resumed: bool = False) -> list[Finding]:
+                         resumed: bool = False, trust_pickle: bool = False) -> list[Finding]:
         """Check that a checkpoint (a dict, or a path loaded on the CPU) holds the current
         prototypes (``PROTO_NOT_IN_CHECKPOINT``, error) and their optimizer state
         (``PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT``, warning). Emits ``on_save_checkpoint``.
         ``resumed=True``: the run was just resumed from it: emits ``on_load_checkpoint``, and a
         prototype tensor there that differs from the live one is reported as "not restored"
         (warning) rather than missing. Returns the findings about this checkpoint (also when
-        already reported earlier)."""
+        already reported earlier). A path is loaded with ``weights_only=True`` (no pickle code
+        runs; :func:`monitors.formats.checkpoints.load_checkpoint`): one that needs arbitrary pickle raises
+        ``UnsafeCheckpointError`` unless ``trust_pickle=True``."""
+        from ..formats.checkpoints import load_checkpoint
         from ..health.doctor import HealthDoctor
 
         if isinstance(checkpoint, (str, os.PathLike)):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            checkpoint = load_checkpoint(checkpoint, trust_pickle=trust_pickle, mmap=False)
         if not isinstance(checkpoint, Mapping):
             raise TypeError(f"check_checkpoint expects a dict or a path, got {type(checkpoint).__name__}")
         ctx = self.ctx

@@ -8,8 +8,11 @@ step and read once per log interval, where one named method judges each finding
 (:mod:`monitors.health.interval_checks`), so the per-step hooks never synchronise with the GPU. The
 checkpoint check lives in :mod:`monitors.health.checkpoint_check`.
 
-This module holds the :class:`HealthDoctor` monitor's hooks, and re-exports the codes and the
-checkpoint helpers for ``from monitors.health.doctor import ...``.
+The doctor is one :class:`~monitors.core.base.Monitor` driving groups of checks through one
+interface (:mod:`monitors.health.settings`): each group is built with the checked settings and the
+doctor's report function, owns its state, and is called by the doctor's hooks through its public
+methods. This module holds the hooks and the step bookkeeping between them, and re-exports the
+codes and the checkpoint helpers for ``from monitors.health.doctor import ...``.
 """
 from __future__ import annotations
 
@@ -27,10 +30,9 @@ from ..core.codes import (CODES, PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_FREEZE_
                     TEACHER_NOT_UPDATING, TEACHER_SHARES_STUDENT, fix_of)
 from ..core.distributed import world_size
 from ..core.events import RunContext
-from .interval_checks import DEVICE_STATE, IntervalJudge
+from .interval_checks import IntervalChecks
+from .settings import DoctorSettings
 from .static_checks import StaticChecks
-from .optimizer_lookup import ProtoGroup
-from ..core.options import number_in, positive_int
 from ..core.proto_stats import SAMPLE_ABOVE, SAMPLE_ROWS, row_sample
 
 __all__ = ["HealthDoctor", "CODES", "check_checkpoint", "find_prototypes_in_checkpoint",
@@ -40,7 +42,7 @@ __all__ = ["HealthDoctor", "CODES", "check_checkpoint", "find_prototypes_in_chec
            "PROTO_GRAD_NOT_AVERAGED", "PROTO_FREEZE_IGNORED", "TEACHER_SHARES_STUDENT", "TEACHER_NOT_UPDATING"]
 
 
-class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
+class HealthDoctor(Monitor):
     """Emits findings (see :data:`CODES`) about prototypes that do not train.
 
     Args:
@@ -113,72 +115,32 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         norm_max: float = 1e3,
     ) -> None:
         super().__init__(every_n_steps)
-        owner = type(self).__name__
-        self.patience = positive_int(owner, "patience", patience, 0)
-        self.update_patience = positive_int(owner, "update_patience", update_patience, 0)
-        self.static_every = positive_int(owner, "static_every", static_every)
-        self.sync_every = positive_int(owner, "sync_every", sync_every)
-        self.sync_tol = number_in(owner, "sync_tol", sync_tol, 0.0)
-        self.nonfinite_patience = positive_int(owner, "nonfinite_patience", nonfinite_patience, 0)
-        self.collapse_min_fraction = number_in(owner, "collapse_min_fraction", collapse_min_fraction, 0.0, 1.0)
-        self.collapse_row_tol = number_in(owner, "collapse_row_tol", collapse_row_tol, 0.0)
-        self.collapse_patience = positive_int(owner, "collapse_patience", collapse_patience)
-        self.collapse_warmup = positive_int(owner, "collapse_warmup", collapse_warmup, 0)
-        self.collapse_every = positive_int(owner, "collapse_every", collapse_every)
-        self.collapse_uniform_gap = number_in(owner, "collapse_uniform_gap", collapse_uniform_gap, 0.0)
-        self.collapse_embed_tol = number_in(owner, "collapse_embed_tol", collapse_embed_tol, 0.0)
-        self.dup_cosine = number_in(owner, "dup_cosine", dup_cosine, -1.0, 1.0)
-        self.dup_fraction = number_in(owner, "dup_fraction", dup_fraction, 0.0, 1.0)
-        self.dup_max_rows = positive_int(owner, "dup_max_rows", dup_max_rows)
-        self.dup_every = positive_int(owner, "dup_every", dup_every)
-        self.dup_max_pairs = positive_int(owner, "dup_max_pairs", dup_max_pairs)
-        self.dup_pairs_per_log = positive_int(owner, "dup_pairs_per_log", dup_pairs_per_log)
-        self.norm_min = number_in(owner, "norm_min", norm_min, 0.0)
-        self.norm_max = number_in(owner, "norm_max", norm_max, 0.0)
-        if self.norm_max <= self.norm_min:
-            raise ValueError(f"{owner}: norm_max ({norm_max}) must be larger than norm_min ({norm_min})")
-
-        # Python state (no sync to read)
-        self.nograd_steps = 0        # consecutive checked steps without a prototype gradient
-        self.lr_zero_steps = 0       # consecutive steps with lr 0 in the prototypes' group only
-        self.collapse_intervals = 0  # consecutive collapsed log intervals
-        self.collapse_checked = 0    # steps checked for collapse in this interval
-        # consecutive-step counters, kept on the host and advanced at the log interval from the
-        # observations below: current run and longest run since the last on_log
-        self.stuck_run = self.stuck_longest = 0  # gradient non-zero, value unchanged by step()
-        self.gnf_run = self.gnf_longest = 0      # NaN/Inf gradient
-        self.nonfinite_seen = False              # a NaN/Inf prototype since the last on_log
-        # per-step observations: device tensors other monitors computed anyway (ctx.proto_stats), kept
-        # as they are and read in one transfer at the log interval, so a step costs no kernel here
-        self._obs_gnorm: list[torch.Tensor] = []     # ||grad|| of each step with a gradient
-        self._obs_stuck: list[torch.Tensor] = []     # ||grad|| of each snapshot step ...
-        self._obs_update: list[torch.Tensor] = []    # ... and ||P_after - P_before|| of that step
-        self._obs_rows: list[torch.Tensor] = []      # 0-dim ||P|| (or the update) at each step end
-        # device state: 0-dim tensors, created on the prototypes' device on first use
-        self._dev: dict[str, torch.Tensor] = {}
-        # per-step scratch (not state)
-        self._group = ProtoGroup()            # the prototypes' param group, cached position
-        self._last_static = -1
-        self._grad_checked_step = -1
+        #: the checked options (ValueError naming the option on a bad value)
+        self.settings = DoctorSettings(
+            patience=patience, update_patience=update_patience, static_every=static_every, sync_every=sync_every,
+            sync_tol=sync_tol, nonfinite_patience=nonfinite_patience, collapse_min_fraction=collapse_min_fraction,
+            collapse_row_tol=collapse_row_tol, collapse_patience=collapse_patience, collapse_warmup=collapse_warmup,
+            collapse_every=collapse_every, collapse_uniform_gap=collapse_uniform_gap,
+            collapse_embed_tol=collapse_embed_tol, dup_cosine=dup_cosine, dup_fraction=dup_fraction,
+            dup_max_rows=dup_max_rows, dup_every=dup_every, dup_max_pairs=dup_max_pairs,
+            dup_pairs_per_log=dup_pairs_per_log, norm_min=norm_min, norm_max=norm_max)
+        #: the groups of checks: each owns its state and reports through ``self.report``
+        self.static = StaticChecks(self.settings, self.report)
+        self.interval = IntervalChecks(self.settings, self.report)
+        # the step bookkeeping between the hooks (not state)
         self._ab_obs: Optional[tuple[int, bool]] = None  # (step, grad missing) from on_after_backward
         self._bos_step = -1
-        self._dup_cadence = Every(self.dup_every, owner, "dup_every")  # from the start of the last check
-        self._dup_todo: Optional[torch.Tensor] = None  # rows of the running check still to compare
-        self._dup_best: list[torch.Tensor] = []        # their best cosine so far, per chunk
-        self._dup_k = 0                                # K the running check was drawn for
-        self.dup_checked_rows = 0                      # rows of the last finished check
         self._collective_started = False      # the first on_collective compares the initial values
         self._snap_step = -1
         self._update_step = -1                # step whose update norm was observed
         self._snap_gnorm: Optional[torch.Tensor] = None
-        self._proj: Optional[torch.Tensor] = None
         self.checkpoint_findings: Optional[tuple[int, list]] = None  # (id of the checkpoint, its findings)
 
     # -- hooks --------------------------------------------------------------------------------
     def on_train_start(self, ctx: RunContext) -> Metrics:
         """The static checks at the start: leaf, requires_grad, optimizer membership, finite values."""
         P = ctx.prototypes
-        self._check_not_leaf(ctx)
+        self.static.check_not_leaf(ctx)
         if not P.requires_grad:
             if ctx.freeze_steps > 0:
                 self.report(ctx, PROTO_NO_GRAD, "info", (
@@ -192,7 +154,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
                     "create them as nn.Parameter(x) (or call prototypes.requires_grad_(True)) before "
                     "building the optimizer."
                 ))
-        self._check_optimizer(ctx)
+        self.static.check_optimizer(ctx)
         # non-step event: reading device values is allowed
         if not bool(torch.isfinite(P.detach()).all()):
             self.report(ctx, PROTO_NONFINITE, "error", (
@@ -209,22 +171,21 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         P = ctx.prototypes
         if not self._collective_started:  # train start: reading the value is allowed
             self._collective_started = True
-            gap = float(self._replica_gap(P))
-            if gap > self.sync_tol:
+            gap = float(self.static.replica_gap(P))
+            if gap > self.settings.sync_tol:
                 self.report(ctx, PROTO_REPLICAS_DIVERGED, "error", (
                     f"the ranks start from different prototypes (relative fingerprint gap {gap:.3g}): "
                     "initialise them identically: seed every rank the same (torch.manual_seed(seed)) "
                     "before creating them, or broadcast them from rank 0 after creating them: "
                     "dist.broadcast(prototypes.data, src=0)."
                 ))
-        elif on_multiple(ctx.step, self.sync_every):
-            d = self._devstate(P.device)
-            torch.maximum(d["div"], self._replica_gap(P), out=d["div"])
+        elif on_multiple(ctx.step, self.settings.sync_every):
+            self.interval.observe_replica_gap(self.static.replica_gap(P))
         return None
 
     def on_after_backward(self, ctx: RunContext) -> Metrics:
         """PROTO_NOT_LEAF; note whether the prototypes got a gradient."""
-        if self._check_not_leaf(ctx):
+        if self.static.check_not_leaf(ctx):
             return None
         self._ab_obs = (ctx.step, ctx.prototypes.grad is None)
         return None
@@ -233,15 +194,15 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         """PROTO_NO_GRAD, PROTO_NOT_IN_OPTIMIZER, PROTO_LR_ZERO; keep the gradient norm and a snapshot."""
         P = ctx.prototypes
         self._bos_step = ctx.step
-        if self._check_not_leaf(ctx):
+        if self.static.check_not_leaf(ctx):
             return None
         grad = P.grad
-        self._grad_step_check(ctx, grad is None)
-        if ctx.step - self._last_static >= self.static_every or on_multiple(ctx.step, self.static_every):
-            group = self._check_optimizer(ctx)
+        self.static.grad_step_check(ctx, grad is None)
+        if self.static.static_due(ctx.step):
+            group = self.static.check_optimizer(ctx)
         else:
-            group = self._proto_group(ctx, rescan=False)
-        lr = self._check_lr(ctx, group)
+            group = self.static.proto_group(ctx, rescan=False)
+        lr = self.static.check_lr(ctx, group)
         if grad is None or not ctx.proto_stats.full_step(ctx):  # above full_above: every full_every steps
             return None
         # the gradient norm (shared with the gradient monitor) is NaN/Inf iff an entry is (or
@@ -249,7 +210,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         gnorm = ctx.proto_stats.grad_norm(ctx)
         if gnorm is None:  # a sparse gradient: not checked
             return None
-        self._obs_gnorm.append(gnorm)
+        self.interval.observe_grad(gnorm)
         # snapshot for PROTO_NOT_UPDATING (skipped when lr 0 or frozen: other codes cover it),
         # shared with the delta monitor
         if lr != 0.0 and ctx.step >= ctx.freeze_steps:
@@ -261,36 +222,34 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
     def on_after_optimizer_step(self, ctx: RunContext) -> Metrics:
         """Keep the update norm of a snapshot step (PROTO_NOT_UPDATING, read at the log interval)."""
         P = ctx.prototypes
-        if self._bos_step != ctx.step and self._grad_checked_step != ctx.step and P.is_leaf:
-            self._grad_step_check(ctx, P.grad is None)
+        if self._bos_step != ctx.step and self.static.grad_checked_step != ctx.step and P.is_leaf:
+            self.static.grad_step_check(ctx, P.grad is None)
         if self._snap_step == ctx.step:
             self._snap_step = -1
             update = ctx.proto_stats.update_norm(ctx)  # ||P - snapshot||, shared with the delta monitor
             if update is not None:
-                self._obs_stuck.append(self._snap_gnorm)
-                self._obs_update.append(update)
+                self.interval.observe_update(self._snap_gnorm, update)
                 self._update_step = ctx.step
         return None
 
     def on_step_end(self, ctx: RunContext) -> Metrics:
         """Keep the norm that tells NaN/Inf prototypes; accumulate the collapse signs (nothing read)."""
         P = ctx.prototypes
-        d = self._devstate(P.device)
-        if (self._grad_checked_step != ctx.step and self._ab_obs is not None
+        if (self.static.grad_checked_step != ctx.step and self._ab_obs is not None
                 and self._ab_obs[0] == ctx.step):
-            self._grad_step_check(ctx, self._ab_obs[1])
+            self.static.grad_step_check(ctx, self._ab_obs[1])
         # NaN/Inf prototypes: ||P|| is NaN/Inf iff an entry is (or beyond ~1e19 in float32, where
         # its square overflows). The step's update norm ||P - P_before|| is NaN/Inf iff P is, or
         # was before the step: a step with an update needs no pass over P here
-        if self._update_step == ctx.step and self._obs_update:
-            self._obs_rows.append(self._obs_update[-1])
+        if self._update_step == ctx.step and self.interval.last_update is not None:
+            self.interval.observe_rows(self.interval.last_update)
         elif ctx.proto_stats.full_step(ctx):
-            self._obs_rows.append(ctx.proto_stats.norm(ctx))
+            self.interval.observe_rows(ctx.proto_stats.norm(ctx))
         else:  # above full_above between full steps: the rows of the norm monitor's sample
             idx = row_sample(P.shape[0], SAMPLE_ABOVE, SAMPLE_ROWS, P.device)
-            self._obs_rows.append(ctx.proto_stats.norm(ctx) if idx is None
-                                  else torch.linalg.vector_norm(ctx.proto_stats.sampled_row_norms(ctx, idx)))
-        self._collapse_step(ctx, d)
+            self.interval.observe_rows(ctx.proto_stats.norm(ctx) if idx is None
+                                       else torch.linalg.vector_norm(ctx.proto_stats.sampled_row_norms(ctx, idx)))
+        self.interval.collapse_step(ctx)
         return None
 
     def on_embeddings(self, ctx: RunContext) -> Metrics:
@@ -303,7 +262,7 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         spread = (x - x.mean(dim=0)).norm(dim=1).amax()
         scale = x.norm(dim=1).mean().clamp_min(1e-12)
         rel = float(spread / scale)  # note: a sync point; embeddings events only
-        if rel <= self.collapse_embed_tol:
+        if rel <= self.settings.collapse_embed_tol:
             self.report(ctx, PROTO_COLLAPSE, "warning", (
                 f"the {x.shape[0]} embeddings logged at step {ctx.step} are (near-)identical (each within "
                 f"{rel:.2g} of their norm from their mean): every input maps to the same output, the "
@@ -335,38 +294,17 @@ class HealthDoctor(StaticChecks, IntervalJudge, Monitor):
         for f in found:
             self.report(ctx, f.code, f.severity, f.message)
 
+    def on_log(self, ctx: RunContext) -> Metrics:
+        """The judgement of the interval (:meth:`IntervalChecks.judge`: one host read)."""
+        self.interval.judge(ctx)
+        return None
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The counters and the device accumulators (on the CPU); the hub keeps what was reported."""
-        if self._obs_gnorm or self._obs_stuck or self._obs_rows:  # read what the steps observed
-            obs, n_g, n_s = self._observations((self._obs_gnorm or self._obs_stuck or self._obs_rows)[0].device)
-            self._advance(obs.cpu().tolist(), n_g, n_s)
-        return {
-            "stuck_run": self.stuck_run, "stuck_longest": self.stuck_longest,
-            "gnf_run": self.gnf_run, "gnf_longest": self.gnf_longest,
-            "nonfinite_seen": self.nonfinite_seen,
-            "nograd_steps": self.nograd_steps,
-            "lr_zero_steps": self.lr_zero_steps,
-            "collapse_intervals": self.collapse_intervals,
-            "collapse_checked": self.collapse_checked,
-            "device": {k: v.detach().cpu().clone() for k, v in self._dev.items()},
-        }
+        """The groups' counters and device accumulators (on the CPU), in one flat dict."""
+        return {**self.static.state_dict(), **self.interval.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.nograd_steps = int(state.get("nograd_steps", 0))
-        self.lr_zero_steps = int(state.get("lr_zero_steps", 0))
-        self.collapse_intervals = int(state.get("collapse_intervals", 0))
-        self.collapse_checked = int(state.get("collapse_checked", 0))
-        dev = state.get("device", {})
-        # the counters; older monitor states kept them on the device
-        self.stuck_run = int(state.get("stuck_run", dev.get("stuck", 0)))
-        self.stuck_longest = int(state.get("stuck_longest", dev.get("stuck_max", 0)))
-        self.gnf_run = int(state.get("gnf_run", dev.get("gnf", 0)))
-        self.gnf_longest = int(state.get("gnf_longest", dev.get("gnf_max", 0)))
-        self.nonfinite_seen = bool(state.get("nonfinite_seen", not math.isfinite(float(dev.get("psum", 0.0)))))
-        self._dev = {}
-        if dev:
-            # moved to the prototypes' device on first use (see _devstate)
-            for k, (dtype, init) in DEVICE_STATE.items():
-                self._dev[k] = torch.as_tensor(dev.get(k, init), dtype=dtype).clone()
+        """Restore :meth:`state_dict` (earlier versions' states too)."""
+        self.static.load_state_dict(state)
+        self.interval.load_state_dict(state)

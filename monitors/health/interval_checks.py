@@ -1,30 +1,34 @@
 """The health doctor's log-interval judgement: the device accumulators, the one read per interval,
 and one named judgement per finding.
 
-:class:`IntervalJudge` is a part of :class:`~monitors.health.doctor.HealthDoctor` (a mixin): per step it
-accumulates the collapse statistics on the device (:meth:`IntervalJudge._collapse_step`); at each
-log interval :meth:`IntervalJudge.on_log` reads every accumulator, the norm range, the duplicate
-fraction and the per-step flags in ONE host transfer into an :class:`Interval` record, then judges
-it: ``_judge_not_updating``, ``_judge_nonfinite``, ``_judge_replicas``, ``_judge_collapse``,
+:class:`IntervalChecks` is one group of the doctor's checks (see :mod:`monitors.health.settings`):
+built with the settings and the doctor's report function, it owns the interval's state. Per step
+the doctor hands it observations the other monitors computed anyway (:meth:`IntervalChecks.observe_grad`,
+:meth:`~IntervalChecks.observe_update`, :meth:`~IntervalChecks.observe_rows`) and it accumulates
+the collapse statistics on the device (:meth:`IntervalChecks.collapse_step`); at each log interval
+:meth:`IntervalChecks.judge` reads every accumulator, the norm range, the duplicate fraction and
+the per-step flags in ONE host transfer into an :class:`Interval` record, then judges it:
+``_judge_not_updating``, ``_judge_nonfinite``, ``_judge_replicas``, ``_judge_collapse``,
 ``_judge_duplicates``, ``_judge_norms``, in that order.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from ..core.base import Metrics
 from ..core.cadence import on_multiple
 from ..core.codes import (PROTO_COLLAPSE, PROTO_DUPLICATES, PROTO_NONFINITE, PROTO_NORM_OUT_OF_RANGE, PROTO_NOT_UPDATING,
                     PROTO_REPLICAS_DIVERGED, fix_of)
 from ..core.distributed import world_size
 from ..core.events import RunContext
 from ..core.proto_stats import assignment_rows
+from .duplicates import DuplicateCheck
+from .settings import DoctorSettings, Report
 
-#: device-side accumulators (all 0-dim) -> (dtype, reset value); see HealthDoctor._devstate.
+#: device-side accumulators (all 0-dim) -> (dtype, reset value); see IntervalChecks.devstate.
 #: div: largest rank disagreement; col_*: collapsed steps, identical-rows steps, smallest entropy
 #: of the mean assignment, smallest batch-mean gap of the per-sample entropy to ln K.
 DEVICE_STATE: dict[str, tuple[torch.dtype, float]] = {
@@ -67,15 +71,60 @@ def _row_entropy(m: torch.Tensor) -> torch.Tensor:
     return -(logs.mul_(m)).sum(dim=-1)
 
 
-class IntervalJudge:
-    """The log-interval half of the doctor (see the module docstring); the doctor owns the state."""
+class IntervalChecks:
+    """The log-interval half of the doctor (see the module docstring); it owns its state."""
+
+    def __init__(self, settings: DoctorSettings, report: Report) -> None:
+        self.settings, self.report = settings, report
+        self.collapse_intervals = 0  # consecutive collapsed log intervals
+        self.collapse_checked = 0    # steps checked for collapse in this interval
+        # consecutive-step counters, kept on the host and advanced at the log interval from the
+        # observations below: current run and longest run since the last judgement
+        self.stuck_run = self.stuck_longest = 0  # gradient non-zero, value unchanged by step()
+        self.gnf_run = self.gnf_longest = 0      # NaN/Inf gradient
+        self.nonfinite_seen = False              # a NaN/Inf prototype since the last judgement
+        # per-step observations: device tensors other monitors computed anyway (ctx.proto_stats), kept
+        # as they are and read in one transfer at the log interval, so a step costs no kernel here
+        self._obs_gnorm: list[torch.Tensor] = []     # ||grad|| of each step with a gradient
+        self._obs_stuck: list[torch.Tensor] = []     # ||grad|| of each snapshot step ...
+        self._obs_update: list[torch.Tensor] = []    # ... and ||P_after - P_before|| of that step
+        self._obs_rows: list[torch.Tensor] = []      # 0-dim ||P|| (or the update) at each step end
+        # device state: 0-dim tensors, created on the prototypes' device on first use
+        self._dev: dict[str, torch.Tensor] = {}
+        self.duplicates = DuplicateCheck(settings)  # PROTO_DUPLICATES, spread over intervals
+
+    # -- per step: observations ---------------------------------------------------------------
+    def observe_grad(self, gnorm: torch.Tensor) -> None:
+        """``||grad||`` of a step with a gradient (NaN/Inf iff an entry is)."""
+        self._obs_gnorm.append(gnorm)
+
+    def observe_update(self, gnorm: torch.Tensor, update: torch.Tensor) -> None:
+        """``||grad||`` and ``||P_after - P_before||`` of a snapshot step (PROTO_NOT_UPDATING)."""
+        self._obs_stuck.append(gnorm)
+        self._obs_update.append(update)
+
+    def observe_rows(self, norm: torch.Tensor) -> None:
+        """A 0-dim norm of the prototypes (or of the step's update) at a step's end: NaN/Inf iff
+        they are (PROTO_NONFINITE)."""
+        self._obs_rows.append(norm)
+
+    def observe_replica_gap(self, gap: torch.Tensor) -> None:
+        """The replicas' relative disagreement at a step (PROTO_REPLICAS_DIVERGED), kept on the device."""
+        d = self.devstate(gap.device)
+        torch.maximum(d["div"], gap.to(d["div"].dtype), out=d["div"])
+
+    @property
+    def last_update(self) -> Optional[torch.Tensor]:
+        """The update norm observed last (None before any)."""
+        return self._obs_update[-1] if self._obs_update else None
 
     # -- per step: the collapse statistics, on the device -------------------------------------
-    def _collapse_step(self, ctx: RunContext, d: dict[str, torch.Tensor]) -> None:
+    def collapse_step(self, ctx: RunContext) -> None:
         """Accumulate this step's collapse signs (identical rows, near-uniform rows, few
-        prototypes used) into the device state ``d``; nothing is read."""
+        prototypes used) on the device; nothing is read."""
+        d = self.devstate(ctx.prototypes.device)
         out = ctx.outputs
-        if out is None or not on_multiple(ctx.step, self.collapse_every, start=self.collapse_warmup):
+        if out is None or not on_multiple(ctx.step, self.settings.collapse_every, start=self.settings.collapse_warmup):
             return
         # large K: the first assignment_rows(K) rows of each matrix (every row of a usual batch at K=512)
         probs, targets = (m if m is None or m.dim() != 2 else m[:assignment_rows(m.shape[-1])]
@@ -88,7 +137,7 @@ class IntervalJudge:
         x = torch.stack(mats) if len(mats) == 2 and mats[0].shape == mats[1].shape else mats[0][None]
         lo, hi = x.amin(dim=1), x.amax(dim=1)  # (M, K); aminmax over a middle dim takes a slow path on CPU
         spread = (hi - lo).amax(dim=-1)  # (M,) largest column range of each matrix
-        tol = self.collapse_row_tol / x.shape[-1]
+        tol = self.settings.collapse_row_tol / x.shape[-1]
         ident = spread.amax() <= tol  # all M identical
         # near uniform (the "loss stuck at ln K" kind): most samples' entropy within
         # collapse_uniform_gap of ln K, in the student probabilities, or in the targets while the
@@ -100,7 +149,7 @@ class IntervalJudge:
             if m is None or m.dim() != 2 or m.shape[0] < 2:
                 continue
             gap = math.log(m.shape[-1]) - _row_entropy(m.detach().float())  # (N,) nats
-            near = (gap <= self.collapse_uniform_gap).float().mean() > 0.5
+            near = (gap <= self.settings.collapse_uniform_gap).float().mean() > 0.5
             if is_target and have_p:
                 near = near & (spread[0] > tol)
             uniform = uniform | near
@@ -112,7 +161,7 @@ class IntervalJudge:
         if min(k, n) >= 4:
             ent = torch.special.entr(a.float().mean(dim=0)).sum()
             torch.minimum(d["col_ent_min"], ent, out=d["col_ent_min"])
-            threshold = max(2.0, self.collapse_min_fraction * min(k, n))  # perplexity
+            threshold = max(2.0, self.settings.collapse_min_fraction * min(k, n))  # perplexity
             collapsed = collapsed | (ent < math.log(threshold))
         d["col_hits"].add_(collapsed)
         d["col_ident"].add_(ident & ~uniform)
@@ -120,7 +169,7 @@ class IntervalJudge:
         self.collapse_checked += 1
 
     # -- the log interval ------------------------------------------------------------------------
-    def on_log(self, ctx: RunContext) -> Metrics:
+    def judge(self, ctx: RunContext) -> None:
         """Read the interval (one host transfer), judge each finding, reset the interval state."""
         obs = self._read_interval(ctx)
         self._judge_not_updating(ctx, obs)
@@ -130,22 +179,21 @@ class IntervalJudge:
         self._judge_duplicates(ctx, obs)
         self._judge_norms(ctx, obs)
         self._reset_interval(ctx)
-        return None
 
     def _read_interval(self, ctx: RunContext) -> Interval:
         """The accumulators, the cheap O(K^2 D) statistics of the interval and the per-step flags,
         moved to the host together; the consecutive-step counters advance with the flags."""
         P = ctx.prototypes.detach()
-        d = self._devstate(P.device)
+        d = self.devstate(P.device)
         K = P.shape[0]
         extra: list[torch.Tensor] = []
-        dup_due = self._dup_todo is not None or self._dup_cadence.due(ctx.step)
+        dup_due = self.duplicates.due(ctx.step)
         if P.dim() == 2 and K >= 2:
             Pf = P.float()
             norms = Pf.norm(dim=1)
             extra += [norms.min().double(), norms.max().double()]
             if dup_due:
-                dup = self._duplicate_fraction(Pf, norms, ctx.step)
+                dup = self.duplicates.advance(Pf, norms, ctx.step)
                 if dup is not None:  # None: the check goes on at the next interval
                     extra.append(dup)
         keys = tuple(DEVICE_STATE)
@@ -162,7 +210,7 @@ class IntervalJudge:
 
     def _judge_not_updating(self, ctx: RunContext, obs: Interval) -> None:
         """PROTO_NOT_UPDATING: a non-zero gradient but an unchanged value for too many steps."""
-        if self.stuck_longest > self.update_patience:
+        if self.stuck_longest > self.settings.update_patience:
             self.report(ctx, PROTO_NOT_UPDATING, "error", (
                 f"the prototypes had a non-zero gradient but did not change across optimizer.step() "
                 f"for {self.stuck_longest} consecutive steps (up to step {obs.step}): the optimizer that "
@@ -177,7 +225,7 @@ class IntervalJudge:
                 f"the prototypes hold NaN/Inf (seen by step {step}): training of the prototypes is "
                 f"lost from there on; resume from an earlier checkpoint. Fix: {fix_of(PROTO_NONFINITE)}."
             ))
-        if self.gnf_longest > self.nonfinite_patience:
+        if self.gnf_longest > self.settings.nonfinite_patience:
             self.report(ctx, PROTO_NONFINITE, "error", (
                 f"the prototypes' gradient was NaN/Inf for {self.gnf_longest} consecutive steps (by "
                 f"step {step}). Fix: {fix_of(PROTO_NONFINITE)}."
@@ -190,7 +238,7 @@ class IntervalJudge:
 
     def _judge_replicas(self, ctx: RunContext, obs: Interval) -> None:
         """PROTO_REPLICAS_DIVERGED: the ranks' prototypes drifted apart during the interval."""
-        if obs.div > self.sync_tol:
+        if obs.div > self.settings.sync_tol:
             self.report(ctx, PROTO_REPLICAS_DIVERGED, "error", (
                 f"the prototypes differ across the {world_size()} ranks (relative fingerprint "
                 f"gap {obs.div:.3g} by step {obs.step}): their gradient is not averaged across ranks "
@@ -224,7 +272,7 @@ class IntervalJudge:
             what = (f"one-prototype kind: the batch-mean student probability uses few prototypes "
                     f"(perplexity {math.exp(obs.col_ent_min):.3g} of {K}). Fix: balance the "
                     "targets (Sinkhorn, centering), keep the me-max regulariser, lower the lr")
-        sev = "error" if self.collapse_intervals >= self.collapse_patience else "warning"
+        sev = "error" if self.collapse_intervals >= self.settings.collapse_patience else "warning"
         self.report(ctx, PROTO_COLLAPSE, sev, (
             f"assignment collapse in {int(obs.col_hits)} of {self.collapse_checked} steps up to "
             f"step {obs.step} ({self.collapse_intervals} log interval(s) in a row), {what}."
@@ -235,10 +283,10 @@ class IntervalJudge:
         if obs.norm_range is None:
             return
         dup = obs.duplicates if obs.duplicates is not None else 0.0
-        if dup > self.dup_fraction:
+        if dup > self.settings.dup_fraction:
             self.report(ctx, PROTO_DUPLICATES, "warning", (
                 f"{100 * dup:.0f}% of the prototypes have a near-duplicate (cosine > "
-                f"{self.dup_cosine}) at step {obs.step}: they waste capacity. Fix: {fix_of(PROTO_DUPLICATES)}."
+                f"{self.settings.dup_cosine}) at step {obs.step}: they waste capacity. Fix: {fix_of(PROTO_DUPLICATES)}."
             ))
 
     def _judge_norms(self, ctx: RunContext, obs: Interval) -> None:
@@ -246,15 +294,15 @@ class IntervalJudge:
         if obs.norm_range is None:
             return
         nmin, nmax = obs.norm_range
-        if nmin < self.norm_min or nmax > self.norm_max:
+        if nmin < self.settings.norm_min or nmax > self.settings.norm_max:
             self.report(ctx, PROTO_NORM_OUT_OF_RANGE, "warning", (
                 f"prototype norms span [{nmin:.3g}, {nmax:.3g}] at step {obs.step}, outside "
-                f"[{self.norm_min:g}, {self.norm_max:g}]. Fix: {fix_of(PROTO_NORM_OUT_OF_RANGE)}."
+                f"[{self.settings.norm_min:g}, {self.settings.norm_max:g}]. Fix: {fix_of(PROTO_NORM_OUT_OF_RANGE)}."
             ))
 
     def _reset_interval(self, ctx: RunContext) -> None:
         """Reset the interval accumulators (the consecutive runs carry on)."""
-        d = self._devstate(ctx.prototypes.device)
+        d = self.devstate(ctx.prototypes.device)
         self.stuck_longest, self.gnf_longest, self.nonfinite_seen = self.stuck_run, self.gnf_run, False
         d["div"].zero_()
         d["col_hits"].zero_()
@@ -265,38 +313,6 @@ class IntervalJudge:
         self.collapse_checked = 0
 
     # -- the pieces of the read --------------------------------------------------------------------
-    def _duplicate_fraction(self, Pf: torch.Tensor, norms: torch.Tensor, step: int) -> Optional[torch.Tensor]:
-        """Continue the duplicate check: compare up to ``dup_pairs_per_log`` similarities' worth of
-        its rows with every prototype. When its last rows are done, return the 0-dim float64
-        fraction of the compared rows with another prototype at cosine > ``dup_cosine``; until
-        then None. A check compares at most ``dup_max_rows`` and ``dup_max_pairs / K`` rows, a
-        random subset seeded by the step it starts at when K is larger. No (K, D) temporary:
-        the (m, K) block of dot products is divided by the norms in place."""
-        K = Pf.shape[0]
-        if self._dup_todo is None or self._dup_todo.device != Pf.device or self._dup_k != K:
-            n = min(K, self.dup_max_rows, max(1, self.dup_max_pairs // K))
-            if n < K:
-                g = torch.Generator().manual_seed(step)
-                idx = torch.randperm(K, generator=g)[:n].to(Pf.device)
-            else:
-                idx = torch.arange(K, device=Pf.device)
-            self._dup_todo, self._dup_best, self._dup_k = idx, [], K
-            self._dup_cadence.last = int(step)  # the cadence counts from the start of a check
-        inv = norms.clamp_min(1e-12).reciprocal()                     # (K,)
-        per_block = max(1, min(self.dup_pairs_per_log, 1 << 24) // K)  # rows per (m, K) block
-        budget = max(1, self.dup_pairs_per_log // K)                   # rows this interval
-        now, self._dup_todo = self._dup_todo[:budget], self._dup_todo[budget:]
-        for chunk in now.split(per_block):
-            sim = Pf[chunk] @ Pf.T                                     # (m, K) dot products
-            sim.mul_(inv[chunk, None]).mul_(inv[None, :])              # cosines, in place
-            sim[torch.arange(chunk.numel(), device=Pf.device), chunk] = -2.0  # not yourself
-            self._dup_best.append(sim.amax(dim=1))
-        if self._dup_todo.numel():
-            return None
-        best = torch.cat(self._dup_best)
-        self._dup_todo, self._dup_best, self.dup_checked_rows = None, [], best.numel()
-        return (best > self.dup_cosine).double().mean()
-
     def _observations(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
         """The per-step observations since the last call as one float64 vector of flags on the
         device (nothing read): NaN/Inf gradient per step (n_g), stuck per snapshot step (n_s),
@@ -328,7 +344,7 @@ class IntervalJudge:
         self.stuck_longest = max(self.stuck_longest, longest)
         self.nonfinite_seen = self.nonfinite_seen or bool(flags[n_g + n_s])
 
-    def _devstate(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def devstate(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The 0-dim device accumulators, created on (or moved to) ``device`` on first use."""
         d = self._dev
         if not d:
@@ -338,3 +354,35 @@ class IntervalJudge:
             for k in list(d):
                 d[k] = d[k].to(device)
         return d
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and the device accumulators (on the CPU); the steps observed since the
+        last judgement are read first, so the runs they continue are saved."""
+        if self._obs_gnorm or self._obs_stuck or self._obs_rows:
+            obs, n_g, n_s = self._observations((self._obs_gnorm or self._obs_stuck or self._obs_rows)[0].device)
+            self._advance(obs.cpu().tolist(), n_g, n_s)
+        return {
+            "stuck_run": self.stuck_run, "stuck_longest": self.stuck_longest,
+            "gnf_run": self.gnf_run, "gnf_longest": self.gnf_longest,
+            "nonfinite_seen": self.nonfinite_seen,
+            "collapse_intervals": self.collapse_intervals,
+            "collapse_checked": self.collapse_checked,
+            "device": {k: v.detach().cpu().clone() for k, v in self._dev.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also the states of earlier versions, which kept the
+        counters on the device)."""
+        self.collapse_intervals = int(state.get("collapse_intervals", 0))
+        self.collapse_checked = int(state.get("collapse_checked", 0))
+        dev = state.get("device", {})
+        self.stuck_run = int(state.get("stuck_run", dev.get("stuck", 0)))
+        self.stuck_longest = int(state.get("stuck_longest", dev.get("stuck_max", 0)))
+        self.gnf_run = int(state.get("gnf_run", dev.get("gnf", 0)))
+        self.gnf_longest = int(state.get("gnf_longest", dev.get("gnf_max", 0)))
+        self.nonfinite_seen = bool(state.get("nonfinite_seen", not math.isfinite(float(dev.get("psum", 0.0)))))
+        self._dev = {}
+        if dev:  # moved to the prototypes' device on first use (see devstate)
+            for k, (dtype, init) in DEVICE_STATE.items():
+                self._dev[k] = torch.as_tensor(dev.get(k, init), dtype=dtype).clone()

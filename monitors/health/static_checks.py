@@ -1,9 +1,10 @@
 """The health doctor's static and per-step checks: leaf, gradient, optimizer membership, lr,
 and the replica fingerprint.
 
-:class:`StaticChecks` is a part of :class:`~monitors.health.doctor.HealthDoctor` (a mixin): these read
-Python attributes (``is_leaf``, ``.grad is None``, the param groups, a CPU lr) as they happen,
-never a device value; the doctor's hooks call them.
+:class:`StaticChecks` is one group of the doctor's checks (see :mod:`monitors.health.settings`):
+built with the settings and the doctor's report function, it owns its counters and reads Python
+attributes (``is_leaf``, ``.grad is None``, the param groups, a CPU lr) as they happen, never a
+device value; the doctor's hooks call its methods.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from ..core.cadence import on_multiple
 from ..core.codes import PROTO_LR_ZERO, PROTO_NO_GRAD, PROTO_NOT_IN_OPTIMIZER, PROTO_NOT_LEAF, fix_of
 from ..core.events import RunContext
-from .optimizer_lookup import param_groups
+from .optimizer_lookup import ProtoGroup, param_groups
+from .settings import DoctorSettings, Report
 
 
 def _lr(group: Mapping[str, Any]) -> Optional[float]:
@@ -28,20 +31,34 @@ def _lr(group: Mapping[str, Any]) -> Optional[float]:
 class StaticChecks:
     """The checks of the doctor that read attributes, not values (see the module docstring)."""
 
+    def __init__(self, settings: DoctorSettings, report: Report) -> None:
+        self.settings, self.report = settings, report
+        self.nograd_steps = 0        # consecutive checked steps without a prototype gradient
+        self.lr_zero_steps = 0       # consecutive steps with lr 0 in the prototypes' group only
+        self.grad_checked_step = -1  # the last step PROTO_NO_GRAD counted
+        self._group = ProtoGroup()   # the prototypes' param group, cached position
+        self._last_static = -1
+        self._proj: Optional[torch.Tensor] = None
+
+    def static_due(self, step: int) -> bool:
+        """Whether the optimizer membership is re-checked at ``step`` (every ``static_every``)."""
+        every = self.settings.static_every
+        return step - self._last_static >= every or on_multiple(step, every)
+
     def _groups(self, ctx: RunContext) -> Optional[list]:
         """The optimizer's param groups (None without an optimizer)."""
         return param_groups(ctx.optimizer) if ctx.optimizer is not None else None
 
-    def _proto_group(self, ctx: RunContext, rescan: bool) -> Optional[Mapping[str, Any]]:
+    def proto_group(self, ctx: RunContext, rescan: bool) -> Optional[Mapping[str, Any]]:
         """The param group holding the prototypes (O(1) with the cached position)."""
         return self._group.group(ctx.optimizer, ctx.prototypes, rescan=rescan)
 
-    def _check_optimizer(self, ctx: RunContext) -> Optional[Mapping[str, Any]]:
+    def check_optimizer(self, ctx: RunContext) -> Optional[Mapping[str, Any]]:
         """PROTO_NOT_IN_OPTIMIZER; returns the prototypes' group."""
         self._last_static = ctx.step
         if ctx.optimizer is None:
             return None
-        group = self._proto_group(ctx, rescan=True)
+        group = self.proto_group(ctx, rescan=True)
         if group is None:
             P = ctx.prototypes
             self.report(ctx, PROTO_NOT_IN_OPTIMIZER, "error", (
@@ -64,7 +81,7 @@ class StaticChecks:
             return True  # cannot tell: assume the rest of the model trains
         return any(p is not P and isinstance(p, torch.Tensor) and p.grad is not None for p in params)
 
-    def _check_not_leaf(self, ctx: RunContext) -> bool:
+    def check_not_leaf(self, ctx: RunContext) -> bool:
         P = ctx.prototypes
         if P.is_leaf:
             return False
@@ -76,9 +93,9 @@ class StaticChecks:
         ))
         return True
 
-    def _grad_step_check(self, ctx: RunContext, grad_missing: bool) -> None:
+    def grad_step_check(self, ctx: RunContext, grad_missing: bool) -> None:
         """PROTO_NO_GRAD: count consecutive steps without a gradient (once per step)."""
-        self._grad_checked_step = ctx.step
+        self.grad_checked_step = ctx.step
         if not grad_missing:
             self.nograd_steps = 0
             return
@@ -93,7 +110,7 @@ class StaticChecks:
             return
         self.nograd_steps += 1
         why = "requires_grad is False" if not P.requires_grad else "they are not used in the loss or the gradient is cancelled"
-        if self.nograd_steps > self.patience:
+        if self.nograd_steps > self.settings.patience:
             self.report(ctx, PROTO_NO_GRAD, "error", (
                 f"the prototypes got no gradient for {self.nograd_steps} consecutive steps while the "
                 f"rest of the model did ({why}). Fix: {fix_of(PROTO_NO_GRAD)}."
@@ -101,10 +118,10 @@ class StaticChecks:
         else:
             self.report(ctx, PROTO_NO_GRAD, "info", (
                 f"the prototypes got no gradient at step {ctx.step} while the rest of the model did "
-                f"({why}); an error follows after {self.patience} such steps in a row."
+                f"({why}); an error follows after {self.settings.patience} such steps in a row."
             ))
 
-    def _check_lr(self, ctx: RunContext, group: Optional[Mapping[str, Any]]) -> Optional[float]:
+    def check_lr(self, ctx: RunContext, group: Optional[Mapping[str, Any]]) -> Optional[float]:
         """PROTO_LR_ZERO from Python floats; returns the prototypes' lr (None if unknown)."""
         if group is None:
             return None
@@ -124,7 +141,7 @@ class StaticChecks:
             ))
             return lr
         self.lr_zero_steps += 1
-        if self.lr_zero_steps > self.patience:
+        if self.lr_zero_steps > self.settings.patience:
             self.report(ctx, PROTO_LR_ZERO, "warning", (
                 f"the prototypes' param group has had lr 0 for {self.lr_zero_steps} steps while other "
                 f"groups train (lr up to {max(x for x in others if x is not None):g}): the prototypes "
@@ -133,7 +150,7 @@ class StaticChecks:
         else:
             self.report(ctx, PROTO_LR_ZERO, "info", (
                 f"the prototypes' param group has lr 0 at step {ctx.step} while other groups train; "
-                f"a warning follows after {self.patience} such steps in a row."
+                f"a warning follows after {self.settings.patience} such steps in a row."
             ))
         return lr
 
@@ -146,10 +163,18 @@ class StaticChecks:
             self._proj = (torch.rand(x.numel(), generator=g, dtype=torch.float64) - 0.5).to(x.device)
         return torch.stack([x.sum(), (x * x).sum(), (x * self._proj).sum()])
 
-    def _replica_gap(self, P: torch.Tensor) -> torch.Tensor:
+    def replica_gap(self, P: torch.Tensor) -> torch.Tensor:
         """Largest relative disagreement of the fingerprint across ranks (a collective)."""
         f = self._fingerprint(P)
         both = torch.cat([f, -f])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         mx, mn = both[:3], -both[3:]
         return ((mx - mn) / (1.0 + mx.abs())).amax()
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"nograd_steps": self.nograd_steps, "lr_zero_steps": self.lr_zero_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.nograd_steps = int(state.get("nograd_steps", 0))
+        self.lr_zero_steps = int(state.get("lr_zero_steps", 0))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..audio import read_audio
+from .audio import read_audio
 
 def load_wav(path: str | Path) -> torch.Tensor:
     """Read a whole mono 16 kHz file (WAV of any PCM depth or float, FLAC, ... via soundfile)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import AudioReadError, audio_info
+from .audio import AudioReadError, audio_info
 
 @dataclass
 class KaldiDir:

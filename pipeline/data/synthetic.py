@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import istft, stft
 
-from ..audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE
 
 #: bump when the synthesiser changes so that cached corpora are regenerated
 _GENERATOR_VERSION = 1

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy.signal import fftconvolve
 
-from ..audio import AudioFormatError, AudioReadError, audio_info, read_audio, read_crops
+from .audio import AudioFormatError, AudioReadError, audio_info, read_audio, read_crops
 from .features import Fbank, num_samples_for_frames
 from .kaldi import read_audio_list, read_train_list
 from .synthetic import colored_noise
