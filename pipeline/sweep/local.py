@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from monitors.sweep_state import TRIAL_LOG, TRIALS_DIR, SweepStateWriter
 
+from .budget import thread_env, trial_budget
 from .proposers import make_proposer
 from .spec import (DEFAULT_COMMAND, TRIAL_DEFAULTS, SweepError, constants, default_out, load_sweep, params_key,
                    swept_names)
@@ -83,9 +84,12 @@ class LocalLaunch:
         self.trial_args = {**TRIAL_DEFAULTS, **self.fixed}
         self.command = cfg.get("command", DEFAULT_COMMAND)
         self.proposer = make_proposer(cfg, count)
+        self.budget = trial_budget(workers, self.fixed, self.command, threads_named="threads" in cfg["parameters"])
+        if not self.budget.threads_from_file:  # the sweep's share beats the trial config's `threads`
+            self.trial_args["threads"] = self.budget.threads
         self.state = SweepStateWriter(out_dir, {"name": cfg["name"], "file": str(file), "method": cfg["method"],
                                                 "metric": cfg["metric"], "swept": self.swept})
-        self.procs = TrialProcesses(workers)
+        self.procs = TrialProcesses()
         self.running: dict[Future, Trial] = {}
         self.exhausted = False
         self.n_run = self.n_reused = 0
@@ -93,6 +97,8 @@ class LocalLaunch:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Keep ``workers`` trials running until the proposer has no more, then wait for the last."""
+        self.echo(f"[sweep] {self.cfg['name']}: {self.workers} trial(s) at once on {self.budget.cores * self.workers} "
+                  f"core(s); {self.budget.describe()}")
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="trial") as pool:
             try:
                 while True:
@@ -145,7 +151,8 @@ class LocalLaunch:
                 "wandb_name": name}
         tdir.mkdir(parents=True, exist_ok=True)
         cmd = build_command(self.command, args, self.cfg.get("program"), args_json_file=tdir / "args.json")
-        return Trial(name, {**self.fixed, **params}, tdir, cmd)
+        threads = args.get("threads") or self.budget.cores  # a swept `threads`: this trial's value
+        return Trial(name, {**self.fixed, **params}, tdir, cmd, env=thread_env(threads))
 
     def start(self, pool: ThreadPoolExecutor, trial: Trial) -> None:
         """Mark the trial running in the sweep state and start its process."""
