@@ -24,10 +24,14 @@ from pipeline.sweep import (build_command, grid_points, heatmap_grid, load_sweep
 
 FAKE_TRIAL = textwrap.dedent('''
     """A stand-in for `python -m pipeline train`: key=value arguments in, records out."""
-    import json, os, sys
+    import json, os, sys, time
     from pathlib import Path
 
+    t0 = time.time()
     args = dict(a.split("=", 1) for a in sys.argv[1:])
+    hold = Path(args.get("hold", "/nonexistent"))
+    while hold.exists() and args["num_proto"] == "256" and time.time() < t0 + 120:  # tests: a trial that runs on
+        time.sleep(0.1)
     with open(args["counter"], "a") as f:                    # one line per trial process started
         f.write(f"{args['num_proto']},{args['output_dim']}\\n")
     if Path(args["fail_flag"]).exists() and args["num_proto"] == "64" and args["output_dim"] == "32":
@@ -37,9 +41,10 @@ FAKE_TRIAL = textwrap.dedent('''
     k, d = int(args["num_proto"]), int(args["output_dim"])
     rec = Path(args["exp_dir"]) / "records"
     rec.mkdir(parents=True, exist_ok=True)
+    time.sleep(float(args.get("sleep", 0)))
     (Path(args["exp_dir"]) / "share.json").write_text(json.dumps(
         {"threads": args.get("threads"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "t0": t0, "t1": time.time()}))
     with open(rec / "metrics.jsonl", "w") as f:
         for s in range(3):
             f.write(json.dumps({"trainer/step": s, "train/loss": 3.0 - s, "proto/usage/perplexity_student": k / 2 + s,
@@ -202,7 +207,7 @@ def test_each_trial_gets_its_share_of_the_cores(tmp_path, monkeypatch):
     run_sweep(sweep, tmp_path / "out3", workers=2, echo=log.append)
     assert any("threads=3 per process (set by the sweep file)" in line for line in log)
     share = json.loads((tmp_path / "out3/trials/num_proto=64,output_dim=64/share.json").read_text())
-    assert share == {"threads": "3", "OMP_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": share["CUDA_VISIBLE_DEVICES"]}
+    assert (share["threads"], share["OMP_NUM_THREADS"]) == ("3", "3")
 
 
 def test_random_and_bayes_use_optuna_and_resume(tmp_path):

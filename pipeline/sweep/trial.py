@@ -89,6 +89,7 @@ class Trial:
     command: list[str] = field(default_factory=list)
     attempts: int = 1  # this launch included
     env: dict[str, str] = field(default_factory=dict)  # added to the sweep's environment (threads, devices)
+    slice: Optional[str] = None  # its CUDA_VISIBLE_DEVICES while it runs
 
 
 class TrialProcesses:
