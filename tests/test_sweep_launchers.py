@@ -189,3 +189,33 @@ def test_submitit_requeues_a_preempted_trial_from_its_checkpoint(tmp_path, data_
     steps = [json.loads(x)["trainer/step"] for x in (tdir / "records/metrics.jsonl").read_text().splitlines()
              if "trainer/step" in x]
     assert max(steps) >= 18
+
+
+# -- watching a sweep of jobs -----------------------------------------------------------------------
+def test_dashboard_shows_each_trial_state_step_and_job(tmp_path):
+    from monitors.dashboard.watching import looks_finished, write_dashboard
+
+    sweep = tmp_path / "sweep"
+    trials = {"num_proto=8,output_dim=8": ("finished", "101", 20), "num_proto=8,output_dim=16": ("running", "102", 7),
+              "num_proto=16,output_dim=8": ("pending", "103", None), "num_proto=16,output_dim=16": ("failed", "104", 3)}
+    state = {"name": "np_od", "method": "grid", "metric": {"name": "eval/eer", "goal": "minimize"},
+             "swept": ["num_proto", "output_dim"], "trials": {}}
+    for name, (status, job, step) in trials.items():
+        k, d = (int(x.split("=")[1]) for x in name.split(","))
+        rec = sweep / "trials" / name / "records"
+        rec.mkdir(parents=True)
+        if step is not None:
+            (rec / "metrics.jsonl").write_text("".join(json.dumps({"trainer/step": s, "train/loss": 1.0 / (s + 1)}) + "\n"
+                                                       for s in range(step + 1)))
+        if status == "finished":
+            (rec / "summary.json").write_text(json.dumps({"eval/eer": 0.25}))
+        state["trials"][name] = {"params": {"num_proto": k, "output_dim": d}, "status": status, "job_id": job,
+                                 "exp_dir": f"trials/{name}", "error": "exit code 1" if status == "failed" else ""}
+    (sweep / "sweep_state.json").write_text(json.dumps(state))
+    page = write_dashboard(sweep).read_text()
+    assert '<span class="st-running">running</span> at step 7 &middot; job 102' in page
+    assert '<span class="st-pending">pending</span> &middot; job 103' in page
+    assert '<span class="st-finished">finished</span> &middot; job 101' in page
+    assert '<span class="st-failed">failed</span> &middot; job 104' in page
+    assert "<th>job_id</th>" in page and "<th>step</th>" in page
+    assert not looks_finished(sweep)                    # --watch goes on while a trial is pending or running
