@@ -98,14 +98,14 @@ def test_misuse_is_one_line_and_starts_nothing(tmp_path, monkeypatch, capsys, ar
 
 
 def test_slurm_without_submitit_starts_nothing(tmp_path, monkeypatch, capsys):
-    from pipeline.sweep import slurm
+    from pipeline.sweep import slurm_job
 
-    monkeypatch.setattr(slurm, "submitit", None)
+    monkeypatch.setattr(slurm_job, "submitit", None)
     sweep = fake_sweep_file(tmp_path)
     out = tmp_path / "out"
     assert cli_main(["sweep", str(sweep), "--out", str(out), "--launcher", "slurm", "--partition", "gpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {slurm.NOT_INSTALLED}" and "pip install submitit==1.5.4" in err
+    assert err == f"error: {slurm_job.NOT_INSTALLED}" and "pip install submitit==1.5.4" in err
     assert not out.exists() and not counter_lines(tmp_path)
 
 

@@ -56,7 +56,8 @@ W&B mode (``--wandb``)
 
 Modules
     ``spec`` (the sweep file: checking it, parameter kinds, the grid), ``budget`` (each trial's
-    share of threads, data workers and devices), ``proposers`` (grid
+    share of threads and data workers), ``devices`` (GPU slices, torchrun), ``slurm`` and
+    ``slurm_job`` (one submitit job per trial), ``proposers`` (grid
     enumeration, Optuna ask/tell), ``trial`` (a trial's name, command and process), ``local``
     (the local launch loop), ``summary`` (table, CSV, Markdown, heatmaps, sweep-summary run),
     ``wandb_agent`` (W&B mode and the per-trial launcher), ``cli`` (``python -m pipeline sweep``).
