@@ -219,3 +219,32 @@ def test_dashboard_shows_each_trial_state_step_and_job(tmp_path):
     assert '<span class="st-failed">failed</span> &middot; job 104' in page
     assert "<th>job_id</th>" in page and "<th>step</th>" in page
     assert not looks_finished(sweep)                    # --watch goes on while a trial is pending or running
+
+
+def test_wandb_agents_one_per_gpu_slice(tmp_path, monkeypatch):
+    """--wandb --gpus: one `wandb agent` per slice, each seeing its slice; --workers 0 registers only."""
+    import wandb
+
+    from pipeline.sweep import wandb_agent
+
+    started: list[tuple[list[str], str]] = []
+
+    class Agent:
+        def __init__(self, cmd, env):
+            started.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setenv("PROTOWATCH_GPU_COUNT", "4")
+    monkeypatch.setattr(wandb_agent, "_wandb_api_key", lambda: "key")
+    monkeypatch.setattr(wandb, "sweep", lambda cfg, project=None, entity=None: "sid42")
+    monkeypatch.setattr(wandb_agent.subprocess, "Popen", lambda cmd, env=None: Agent(cmd, env))
+    sweep = ROOT / "experiments/sweeps/num_proto_x_output_dim.yaml"
+    assert cli_main(["sweep", str(sweep), "--wandb", "--gpus", "0,1,2,3", "--gpus-per-trial", "2",
+                     "--out", str(tmp_path / "w")]) == 0
+    assert [env for _, env in started] == ["0,1", "2,3"]
+    assert all(cmd[1:] == ["agent", "protowatch/sid42"] for cmd, _ in started)
+    started.clear()
+    assert cli_main(["sweep", str(sweep), "--wandb", "--workers", "0", "--out", str(tmp_path / "w2")]) == 0
+    assert started == []

@@ -60,9 +60,13 @@ def run_wandb_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], w
                     count: Optional[int] = None, echo: Callable[[str], None] = print, gpus: Optional[str] = None,
                     gpus_per_trial: int = 1) -> int:
     """Register the sweep with W&B and run ``workers`` agents here (needs `wandb login`); with
-    ``gpus``, one agent per slice of ``gpus_per_trial`` GPUs, each seeing only its slice."""
+    ``gpus``, one agent per slice of ``gpus_per_trial`` GPUs, each seeing only its slice.
+    ``workers=0`` only registers it (the agents run elsewhere, e.g. as Slurm jobs)."""
     cfg = load_sweep(file)
-    slices = gpu_slices(parse_gpus(gpus), gpus_per_trial) if gpus is not None else [None] * (workers or 1)
+    if workers is not None and workers < 0:
+        raise SweepError(f"--workers must be >= 0 with --wandb (0: register only), got {workers}")
+    slices = gpu_slices(parse_gpus(gpus), gpus_per_trial) if gpus is not None else \
+        [None] * (1 if workers is None else workers)
     if gpus is not None and workers is not None:
         slices = slices[:workers]
     if not _wandb_api_key():
@@ -76,6 +80,9 @@ def run_wandb_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], w
     path = f"{cfg['entity']}/{project}/{sweep_id}" if cfg.get("entity") else f"{project}/{sweep_id}"
     echo(f"[sweep] registered W&B sweep {path}; more machines join with: wandb agent {path}")
     exe = str(Path(sys.executable).with_name("wandb"))
+    if not slices:
+        echo(f"[sweep] no agent started here (--workers 0); each `wandb agent {path}` runs trials into {out_dir}")
+        return 0
     cmd = [exe, "agent", *(["--count", str(count)] if count else []), path]
     agents = [subprocess.Popen(cmd, env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": s} if s else {})))
               for s in slices]
