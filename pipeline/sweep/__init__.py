@@ -31,6 +31,14 @@ Local mode (the default; no account, no network)
     ``proto/delta/drift``, and ``health/errors``; rows num_proto, columns output_dim, failed trials
     empty) and logs them to a W&B offline run of job type ``sweep-summary`` in the sweep's group.
 
+GPUs and Slurm
+    ``--gpus 0,1,2,3|all --gpus-per-trial G`` gives each running trial its own
+    ``CUDA_VISIBLE_DEVICES`` slice (:mod:`.devices`); a trial of several processes
+    (``G`` > 1, or ``--nproc-per-trial`` on CPU with gloo) runs under torchrun.
+    ``--launcher slurm`` submits one job per trial through submitit (:mod:`.slurm`,
+    :mod:`.slurm_job`): job ids in the sweep state, a relaunched controller re-attaches, a
+    preempted trial is requeued and resumes from its checkpoint.
+
 Search methods
     ``grid`` enumerates every combination in W&B's order (parameter names sorted, the last one
     varying fastest; ``int_uniform`` and ``q_uniform`` expanded as W&B expands them): this is
