@@ -248,3 +248,27 @@ def test_wandb_agents_one_per_gpu_slice(tmp_path, monkeypatch):
     started.clear()
     assert cli_main(["sweep", str(sweep), "--wandb", "--workers", "0", "--out", str(tmp_path / "w2")]) == 0
     assert started == []
+
+
+def test_slurm_job_options_become_sbatch_lines(tmp_path, monkeypatch, capsys):
+    """What submitit's Slurm executor would write for our options (a stand-in `srun` on PATH)."""
+    from pipeline.cli import build_parser
+    from pipeline.sweep.slurm_job import SlurmOptions, make_executor
+
+    sweep = fake_sweep_file(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "nobin"))
+    assert cli_main(["sweep", str(sweep), "--out", str(tmp_path / "o"), "--launcher", "slurm", "--partition", "p"]) == 2
+    assert "no Slurm here (srun is not on PATH)" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/srun").write_text("#!/bin/sh\n")
+    (tmp_path / "bin/srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    args = build_parser().parse_args(["sweep", str(sweep), "--launcher", "slurm", "--partition", "gpu",
+                                      "--gpus-per-trial", "4", "--cpus-per-gpu", "8", "--mem", "200G",
+                                      "--time", "1-00:00:00", "--slurm-arg", "account=abc", "--slurm-arg", "qos=high"])
+    opts = SlurmOptions.from_args(args)
+    assert (opts.timeout_min, opts.nproc_per_trial, opts.cpus()) == (1440, 4, 32)
+    text = make_executor(tmp_path / "submitit", opts)._executor._make_submission_file_text("CMD", "uid")
+    for line in ("--partition=gpu", "--time=1440", "--gpus-per-node=4", "--cpus-per-task=32", "--mem=200G",
+                 "--account=abc", "--qos=high", "--signal=USR2@180", "--nodes=1", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}\n" in text, line

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from monitors.sweep_state import TRIAL_LOG, TRIALS_DIR, SweepStateWriter
 
-from .budget import thread_env, trial_budget
+from .budget import available_cores, thread_env, trial_budget
 from .devices import SlicePool, gpu_slices, parse_gpus, torchrun_command
 from .proposers import make_proposer
 from .spec import (DEFAULT_COMMAND, TRIAL_DEFAULTS, SweepError, constants, default_out, load_sweep, params_key,
@@ -127,7 +127,7 @@ class LocalLaunch:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Keep ``workers`` trials running until the proposer has no more, then wait for the last."""
-        self.echo(f"[sweep] {self.cfg['name']}: {self.workers} trial(s) at once on {self.budget.cores * self.workers} "
+        self.echo(f"[sweep] {self.cfg['name']}: {self.workers} trial(s) at once on {available_cores()} "
                   f"core(s); {self.budget.describe(self.devices_text())}")
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="trial") as pool:
             try:

@@ -69,6 +69,9 @@ def run_slurm_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], o
     ``workers``: at most this many jobs queued or running (default: no limit)."""
     if slurm_job.submitit is None:
         raise SweepError(NOT_INSTALLED)
+    if opts.cluster == "slurm" and not shutil.which("srun"):
+        raise SweepError("--launcher slurm: no Slurm here (srun is not on PATH): run the sweep on a login node of the "
+                         "cluster, or add --cluster local for a dry run on this machine; nothing was started")
     cfg = load_sweep(file)
     if workers is not None and workers < 1:
         raise SweepError(f"--workers must be >= 1, got {workers}")

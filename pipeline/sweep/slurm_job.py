@@ -121,8 +121,10 @@ def make_executor(folder: Path, opts: SlurmOptions) -> Any:
         raise SweepError(NOT_INSTALLED)
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=opts.cluster)
     params: dict[str, Any] = dict(timeout_min=opts.timeout_min, nodes=opts.nodes_per_trial, tasks_per_node=1,
-                                  gpus_per_node=opts.gpus_per_trial, stderr_to_stdout=True,
-                                  slurm_partition=opts.partition, slurm_signal_delay_s=SIGNAL_DELAY_S)
+                                  stderr_to_stdout=True, slurm_partition=opts.partition,
+                                  slurm_signal_delay_s=SIGNAL_DELAY_S)
+    if opts.gpus_per_trial:
+        params["gpus_per_node"] = opts.gpus_per_trial
     if opts.cpus():
         params["cpus_per_task"] = opts.cpus()
     if opts.mem:
