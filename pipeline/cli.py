@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "through submitit)")
     s.add_argument("--gpus", default=None, help="GPUs for the trials on this machine: 0,1,2,3 or all")
     s.add_argument("--gpus-per-trial", type=int, default=1,
-                   help="GPUs of each trial (its CUDA_VISIBLE_DEVICES slice; > 1 runs it under torchrun)")
+                   help="GPUs of each trial (its CUDA_VISIBLE_DEVICES slice; > 1 runs it under torchrun; "
+                        "0 with --launcher slurm: CPU jobs)")
     s.add_argument("--nproc-per-trial", type=int, default=None,
                    help="processes of each trial under torchrun (default: --gpus-per-trial; on CPU they use gloo)")
     g = s.add_argument_group("Slurm (--launcher slurm)")
