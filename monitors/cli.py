@@ -26,7 +26,7 @@ PIPELINE_COMMANDS: Dict[str, str] = {
     "prepare": "Kaldi data dir (wav.scp, utt2spk, trials) from a corpus tree",
 }
 # the module each optional dependency comes with, and the extra that installs it
-EXTRA_OF_MODULE: Dict[str, str] = {"tqdm": "pipeline", "soundfile": "pipeline", "optuna": "sweeps",
+EXTRA_OF_MODULE: Dict[str, str] = {"tqdm": "pipeline", "soundfile": "pipeline", "optuna": "sweeps", "submitit": "sweeps",
                                    "lightning": "lightning", "pytorch_lightning": "lightning"}
 
 

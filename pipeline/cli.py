@@ -74,10 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a W&B-format sweep on this machine",
                        description="Run a sweep file in W&B's format: locally (offline, N workers) or as a W&B sweep agent (--wandb).")
     s.add_argument("file", help="sweep YAML, e.g. experiments/sweeps/num_proto_x_output_dim.yaml")
-    s.add_argument("--workers", type=int, default=1, help="trials run at once, each in its own process")
+    s.add_argument("--workers", type=int, default=None,
+                   help="trials run at once, each in its own process (default: 1; with --gpus, the slices that fit; "
+                        "with --launcher slurm, every trial is queued at once)")
     s.add_argument("--out", default=None, help="directory of the sweep (one exp_dir per trial inside)")
-    s.add_argument("--wandb", action="store_true", help="register the sweep with W&B and run an agent")
+    s.add_argument("--wandb", action="store_true", help="register the sweep with W&B and run an agent (one per GPU slice)")
     s.add_argument("--count", type=int, default=None, help="at most this many trials (random/bayes)")
+    s.add_argument("--launcher", default="local", help="local (this machine, the default) or slurm (one job per trial, "
+                                                       "through submitit)")
+    s.add_argument("--gpus", default=None, help="GPUs for the trials on this machine: 0,1,2,3 or all")
+    s.add_argument("--gpus-per-trial", type=int, default=1,
+                   help="GPUs of each trial (its CUDA_VISIBLE_DEVICES slice; > 1 runs it under torchrun; "
+                        "0 with --launcher slurm: CPU jobs)")
+    s.add_argument("--nproc-per-trial", type=int, default=None,
+                   help="processes of each trial under torchrun (default: --gpus-per-trial; on CPU they use gloo)")
+    g = s.add_argument_group("Slurm (--launcher slurm)")
+    g.add_argument("--partition", default=None, help="Slurm partition of the trials' jobs (required)")
+    g.add_argument("--time", default="1:00:00", help="time limit of each job, [D-]HH:MM:SS or minutes; a trial that "
+                                                   "reaches it checkpoints and is requeued (default 1:00:00)")
+    g.add_argument("--nodes-per-trial", type=int, default=1, help="nodes of each trial (torchrun's rendezvous)")
+    g.add_argument("--cpus-per-gpu", type=int, default=None, help="CPU cores per GPU (per trial on CPU: --cpus-per-trial)")
+    g.add_argument("--cpus-per-trial", type=int, default=None, help="CPU cores of a trial without GPUs")
+    g.add_argument("--mem", default=None, help="memory per node, Slurm's syntax: 64G")
+    g.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm-arg account=abc --slurm-arg qos=high (repeatable)")
+    g.add_argument("--poll-seconds", type=float, default=10.0, help="how often the controller looks at the jobs")
+    g.add_argument("--cluster", default="slurm",
+                   help="submitit's executor: slurm, or local (submitit's local executor stands in for the cluster "
+                        "on this machine, through the same code path: tests, a dry run)")
     s.set_defaults(func=_cmd_sweep)
 
     r = sub.add_parser("prepare", help="Kaldi data dir (wav.scp, utt2spk, trials) from a corpus tree",

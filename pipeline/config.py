@@ -217,6 +217,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return raw
 
 
+def config_file_values(path: str | Path) -> dict[str, Any]:
+    """The keys a config file sets, its ``base`` file included (unchecked: ``load_config`` checks)."""
+    return _read_yaml(Path(path))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (``1e-3``, ``true``, ``[a, b]``)."""
     if "=" not in text:

@@ -196,7 +196,8 @@ def _train(cfg: Config, extra_monitors: Optional[list] = None) -> dict[str, Any]
     progress.close()
     loop_s = time.perf_counter() - loop_t0
     data_summary = {"data/skipped_files": feed.skipped_files,
-                    "data/wait_share": feed.wait_seconds / loop_s if loop_s > 0 else 0.0}
+                    "data/wait_share": feed.wait_seconds / loop_s if loop_s > 0 else 0.0,
+                    "perf/threads": torch.get_num_threads()}   # the compute threads this process ran with
     hub.set_summary(data_summary)
     result.update(data_summary)
 

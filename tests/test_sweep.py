@@ -24,10 +24,14 @@ from pipeline.sweep import (build_command, grid_points, heatmap_grid, load_sweep
 
 FAKE_TRIAL = textwrap.dedent('''
     """A stand-in for `python -m pipeline train`: key=value arguments in, records out."""
-    import json, sys
+    import json, os, sys, time
     from pathlib import Path
 
+    t0 = time.time()
     args = dict(a.split("=", 1) for a in sys.argv[1:])
+    hold = Path(args.get("hold", "/nonexistent"))
+    while hold.exists() and args["num_proto"] == "256" and time.time() < t0 + 120:  # tests: a trial that runs on
+        time.sleep(0.1)
     with open(args["counter"], "a") as f:                    # one line per trial process started
         f.write(f"{args['num_proto']},{args['output_dim']}\\n")
     if Path(args["fail_flag"]).exists() and args["num_proto"] == "64" and args["output_dim"] == "32":
@@ -37,6 +41,10 @@ FAKE_TRIAL = textwrap.dedent('''
     k, d = int(args["num_proto"]), int(args["output_dim"])
     rec = Path(args["exp_dir"]) / "records"
     rec.mkdir(parents=True, exist_ok=True)
+    time.sleep(float(args.get("sleep", 0)))
+    (Path(args["exp_dir"]) / "share.json").write_text(json.dumps(
+        {"threads": args.get("threads"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "t0": t0, "t1": time.time()}))
     with open(rec / "metrics.jsonl", "w") as f:
         for s in range(3):
             f.write(json.dumps({"trainer/step": s, "train/loss": 3.0 - s, "proto/usage/perplexity_student": k / 2 + s,
@@ -170,6 +178,38 @@ def test_failed_trial_does_not_stop_others_and_relaunch_runs_only_it(tmp_path):
     assert len(counter_lines(tmp_path)) == 5
 
 
+def test_each_trial_gets_its_share_of_the_cores(tmp_path, monkeypatch):
+    """The sweep decides `threads` (and OMP_NUM_THREADS) per trial, says so before the first
+    trial, subtracts the config's data workers, and obeys a `threads` named in the sweep file."""
+    from pipeline.sweep import budget
+
+    monkeypatch.setattr(budget, "available_cores", lambda: 8)
+    sweep = fake_sweep_file(tmp_path)
+    log: list[str] = []
+    run_sweep(sweep, tmp_path / "out", workers=2, echo=log.append)
+    start = next(i for i, line in enumerate(log) if "started" in line)
+    assert any("threads=4 per process (the trial's share), num_workers=0" in line for line in log[:start])
+    for tdir in (tmp_path / "out/trials").iterdir():
+        share = json.loads((tdir / "share.json").read_text())
+        assert share["threads"] == "4" and share["OMP_NUM_THREADS"] == "4", tdir.name
+    # a config with data workers: they come out of the share (read from the command's --config)
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("threads: 8\nnum_workers: 1\n")
+    cfg = yaml.safe_load(sweep.read_text())
+    b = budget.trial_budget(2, {}, ["python", "-m", "pipeline", "train", "--config", str(conf)])
+    assert (b.cores, b.threads, b.data_workers) == (4, 3, 1)
+    assert budget.trial_budget(4, {"num_workers": 2}, []).describe().count("oversubscribe") == 1
+    assert budget.trial_budget(1, {}, [], procs=2).threads == 4      # a 2-process trial splits its share
+    # `threads` named in the sweep file wins over the share
+    cfg["parameters"]["threads"] = {"value": 3}
+    sweep.write_text(yaml.safe_dump(cfg))
+    log.clear()
+    run_sweep(sweep, tmp_path / "out3", workers=2, echo=log.append)
+    assert any("threads=3 per process (set by the sweep file)" in line for line in log)
+    share = json.loads((tmp_path / "out3/trials/num_proto=64,output_dim=64/share.json").read_text())
+    assert (share["threads"], share["OMP_NUM_THREADS"]) == ("3", "3")
+
+
 def test_random_and_bayes_use_optuna_and_resume(tmp_path):
     extra = {"parameters": {"num_proto": {"min": 8, "max": 512}, "output_dim": {"values": [32, 64]},
                             "counter": {"value": str(tmp_path / "counter.txt")},
@@ -226,7 +266,7 @@ def test_real_pipeline_2x2_sweep_offline(tmp_path, data_cache):
 
     tiny = dict(channels=16, scale=4, embed_dim=32, hidden_dim=32, batch_size=8, max_frames=40,
                 num_train_speakers=4, num_eval_speakers=4, utts_per_speaker=4, utt_seconds=1.0,
-                max_steps=4, log_every=2, ckpt_every=100, eval_at_init=False, threads=1,
+                max_steps=4, log_every=2, ckpt_every=100, eval_at_init=False,
                 monitors=["norms", "deltas", "usage", "similarity", "health"], data_cache=data_cache)
     # the trials share the corpus: make it once, before two processes would race to write it
     ensure_synthetic_corpus(data_cache, num_train_speakers=4, num_eval_speakers=4, utts_per_speaker=4, utt_seconds=1.0)
@@ -240,6 +280,9 @@ def test_real_pipeline_2x2_sweep_offline(tmp_path, data_cache):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "num_proto=16,output_dim=16" in r.stdout and "best (minimize eval/eer)" in r.stdout
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"threads={share} per process (the trial's share)" in r.stdout   # said before the first trial
+    assert "oversubscribe" not in r.stdout
     rows = summarize_sweep(out)
     assert [r["trial"] for r in rows] == ["num_proto=8,output_dim=8", "num_proto=8,output_dim=16",
                                           "num_proto=16,output_dim=8", "num_proto=16,output_dim=16"]
@@ -249,6 +292,7 @@ def test_real_pipeline_2x2_sweep_offline(tmp_path, data_cache):
             tdir = out / "trials" / f"num_proto={k},output_dim={d}"
             s = json.loads((tdir / "records/summary.json").read_text())
             assert grid[i, j] == s["eval/eer"]
+            assert s["perf/threads"] == share     # the trial's own torch.get_num_threads(), not the config's 2
             assert list(tdir.glob("wandb/offline-run-*"))     # each trial is its own offline W&B run
             assert list(tdir.glob("checkpoint.pt"))
     row = rows[-1]

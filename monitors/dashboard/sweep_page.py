@@ -83,7 +83,9 @@ def render_sweep(sweep_dir: str | os.PathLike, refresh: Optional[float] = None,
                 pass
         body.append(f'<h3 id="t-{html.escape(r["trial"])}">{html.escape(r["trial"])} &middot; '
                     f'<span class="st-{r["status"]}">{html.escape(r["status"])}</span>'
-                    f' &middot; {html.escape(metric)} = {html.escape(fmt(r.get(metric))) or "&ndash;"}{link}</h3>')
+                    + (f' at step {r["step"]}' if r["status"] == "running" and r.get("step") is not None else "")
+                    + (f' &middot; job {html.escape(str(r["job_id"]))}' if r.get("job_id") else "")
+                    + f' &middot; {html.escape(metric)} = {html.escape(fmt(r.get(metric))) or "&ndash;"}{link}</h3>')
         charts = [svg_chart(metrics[k], k, 260, 130) for k in TRIAL_CURVES if k in metrics]
         if charts:
             body.append('<div class="grid">' + "".join(charts) + "</div>")

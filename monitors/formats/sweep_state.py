@@ -17,7 +17,9 @@ Layout of a sweep directory (``--out`` of ``python -m pipeline sweep``)::
 
 A status record holds ``name``, ``params``, ``status`` (pending/running/finished/failed),
 ``exit_code``, ``metric``, ``error``, ``exp_dir``, ``command``, ``attempts``, ``started``,
-``ended`` and ``seconds``.
+``ended`` and ``seconds``; ``devices`` (its CUDA_VISIBLE_DEVICES slice, or cpu) on one machine;
+``job_id``, ``host``, ``pid`` and ``resumed`` (requeued from its checkpoint) when it is a job
+(``--launcher slurm``).
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def trial_metric(records: str | os.PathLike, metric: str, summary: Optional[Mapp
 
 def sweep_rows(sweep_dir: str | os.PathLike, metric: Optional[str] = None) -> list[dict[str, Any]]:
     """One plain dict per trial, in the order the sweep proposed them: ``trial``, ``status``,
-    the swept parameters, the sweep metric (from the trial's ``records/summary.json``), the
+    ``step`` (the last step it logged), ``job_id`` (when the sweep's trials are jobs), the swept parameters, the sweep metric (from the trial's ``records/summary.json``), the
     summary values of :data:`SUMMARY_KEYS`, the final values of :data:`HEALTH_METRICS` (last
     value in ``records/metrics.jsonl``), ``seconds`` and ``error``. A trial that did not finish
     has None as its metric and eval values; its health values are whatever it recorded."""
@@ -108,16 +110,21 @@ def sweep_rows(sweep_dir: str | os.PathLike, metric: Optional[str] = None) -> li
     metric = metric or (state.get("metric") or {}).get("name") or DEFAULT_METRIC["name"]
     swept: list[str] = list(state.get("swept") or [])
     rows: list[dict[str, Any]] = []
+    jobs = any(t.get("job_id") for t in (state.get("trials") or {}).values())
     for name, t in (state.get("trials") or {}).items():
         params = dict(t.get("params") or {})
         if not swept:
             swept = [k for k in params]
         records = trial_dir(sweep_dir, t, name) / RECORDS_DIR
         summary = read_summary(records)
-        finals = final_values(read_metrics(records))
+        metrics = read_metrics(records)
+        finals = final_values(metrics)
         status = t.get("status", "unknown")
         done = status == "finished"
-        row: dict[str, Any] = {"trial": name, "status": status}
+        row: dict[str, Any] = {"trial": name, "status": status,
+                               "step": max((int(v[-1][0]) for v in metrics.values() if v), default=None)}
+        if jobs:
+            row["job_id"] = t.get("job_id")
         for k in swept:
             row[k] = params.get(k)
         row[metric] = trial_metric(records, metric, summary, finals) if done else None

@@ -12,13 +12,15 @@ Local mode (the default; no account, no network)
     Each trial is a separate process built from the file's ``command`` exactly as ``wandb agent``
     builds it (W&B's own ``create_sweep_command``/``create_sweep_command_args``: ``${env}``,
     ``${interpreter}`` (this Python), ``${program}``, ``${args}``, ``${args_no_hyphens}``,
-    ``${args_json}``, ``${args_json_file}``, ``${envvar:NAME}``), with four more arguments added to
+    ``${args_json}``, ``${args_json_file}``, ``${envvar:NAME}``), with more arguments added to
     its parameters: ``exp_dir=<DIR>/trials/<name>``, ``wandb_group=<sweep name>``,
-    ``wandb_name=<name>``, ``wandb_mode=offline`` and ``progress=false`` (the last two may be set
-    otherwise by a ``{value: ...}`` parameter). ``<name>`` lists the swept parameters,
+    ``wandb_name=<name>``, ``threads=<share>``, ``wandb_mode=offline`` and ``progress=false``
+    (the last three may be set otherwise by a ``{value: ...}`` parameter). ``<name>`` lists the swept parameters,
     e.g. ``num_proto=64,output_dim=32``, so the same parameters always land in the same directory.
-    ``--workers N`` trials run at once (each process gets ``OMP_NUM_THREADS`` = cores / N unless
-    it is set; the pipeline's own ``threads`` key wins). A trial's stdout/stderr go to ``<trial>/log.txt``; its
+    ``--workers N`` trials run at once, each on its share of the cores (:mod:`.budget`: the
+    argument ``threads=`` cores / N less the config's ``num_workers``, and ``OMP_NUM_THREADS``
+    to match, unless the file names ``threads`` as a parameter; the log says it before the first
+    trial). A trial's stdout/stderr go to ``<trial>/log.txt``; its
     status (finished with the metric read from ``<trial>/records/summary.json``, or failed with its
     exit code and the end of its log) goes to ``<trial>/status.json`` and ``DIR/sweep_state.json``,
     both written atomically. A failed trial never stops the others. Launched again on the same
@@ -28,6 +30,14 @@ Local mode (the default; no account, no network)
     and prototype health: final ``proto/usage/perplexity_student``, ``proto/usage/dead``,
     ``proto/delta/drift``, and ``health/errors``; rows num_proto, columns output_dim, failed trials
     empty) and logs them to a W&B offline run of job type ``sweep-summary`` in the sweep's group.
+
+GPUs and Slurm
+    ``--gpus 0,1,2,3|all --gpus-per-trial G`` gives each running trial its own
+    ``CUDA_VISIBLE_DEVICES`` slice (:mod:`.devices`); a trial of several processes
+    (``G`` > 1, or ``--nproc-per-trial`` on CPU with gloo) runs under torchrun.
+    ``--launcher slurm`` submits one job per trial through submitit (:mod:`.slurm`,
+    :mod:`.slurm_job`): job ids in the sweep state, a relaunched controller re-attaches, a
+    preempted trial is requeued and resumes from its checkpoint.
 
 Search methods
     ``grid`` enumerates every combination in W&B's order (parameter names sorted, the last one
@@ -53,7 +63,9 @@ W&B mode (``--wandb``)
     Needs an account: without an API key it stops at once and says to run ``wandb login``.
 
 Modules
-    ``spec`` (the sweep file: checking it, parameter kinds, the grid), ``proposers`` (grid
+    ``spec`` (the sweep file: checking it, parameter kinds, the grid), ``budget`` (each trial's
+    share of threads and data workers), ``devices`` (GPU slices, torchrun), ``slurm`` and
+    ``slurm_job`` (one submitit job per trial), ``proposers`` (grid
     enumeration, Optuna ask/tell), ``trial`` (a trial's name, command and process), ``local``
     (the local launch loop), ``summary`` (table, CSV, Markdown, heatmaps, sweep-summary run),
     ``wandb_agent`` (W&B mode and the per-trial launcher), ``cli`` (``python -m pipeline sweep``).

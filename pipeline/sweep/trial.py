@@ -88,16 +88,17 @@ class Trial:
     dir: Path
     command: list[str] = field(default_factory=list)
     attempts: int = 1  # this launch included
+    env: dict[str, str] = field(default_factory=dict)  # added to the sweep's environment (threads, devices)
+    slice: Optional[str] = None  # its CUDA_VISIBLE_DEVICES while it runs
 
 
 class TrialProcesses:
     """The trial processes alive now, so that Ctrl-C / SIGTERM reach them."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = False
-        self.threads = max(1, (os.cpu_count() or 1) // workers)  # OMP threads per trial
 
     def signal_all(self, sig: int) -> None:
         with self.lock:
@@ -114,8 +115,7 @@ def run_trial(t: Trial, metric: str, procs: TrialProcesses) -> dict[str, Any]:
     t.dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     log_path = t.dir / TRIAL_LOG
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", str(procs.threads))  # N trials share the cores
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **t.env)  # the trial's share of threads and devices
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(t.command) + "\n")
         log.flush()

@@ -16,6 +16,7 @@ import yaml
 
 from monitors.formats.sweep_state import TRIAL_LOG, TRIALS_DIR, write_status
 
+from .devices import gpu_slices, parse_gpus
 from .spec import DEFAULT_COMMAND, SWEEP_KEYS, SweepError, default_out, load_sweep
 from .summary import write_summary
 from .trial import log_tail
@@ -55,10 +56,19 @@ def registered_config(cfg: Mapping[str, Any], out_dir: str | os.PathLike) -> dic
     return reg
 
 
-def run_wandb_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], workers: int = 1,
-                    count: Optional[int] = None, echo: Callable[[str], None] = print) -> int:
-    """Register the sweep with W&B and run ``workers`` agents here (needs `wandb login`)."""
+def run_wandb_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], workers: Optional[int] = None,
+                    count: Optional[int] = None, echo: Callable[[str], None] = print, gpus: Optional[str] = None,
+                    gpus_per_trial: int = 1) -> int:
+    """Register the sweep with W&B and run ``workers`` agents here (needs `wandb login`); with
+    ``gpus``, one agent per slice of ``gpus_per_trial`` GPUs, each seeing only its slice.
+    ``workers=0`` only registers it (the agents run elsewhere, e.g. as Slurm jobs)."""
     cfg = load_sweep(file)
+    if workers is not None and workers < 0:
+        raise SweepError(f"--workers must be >= 0 with --wandb (0: register only), got {workers}")
+    slices = gpu_slices(parse_gpus(gpus), gpus_per_trial) if gpus is not None else \
+        [None] * (1 if workers is None else workers)
+    if gpus is not None and workers is not None:
+        slices = slices[:workers]
     if not _wandb_api_key():
         raise SweepError(NO_KEY_MESSAGE)
     import wandb
@@ -70,8 +80,12 @@ def run_wandb_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], w
     path = f"{cfg['entity']}/{project}/{sweep_id}" if cfg.get("entity") else f"{project}/{sweep_id}"
     echo(f"[sweep] registered W&B sweep {path}; more machines join with: wandb agent {path}")
     exe = str(Path(sys.executable).with_name("wandb"))
-    cmds = [[exe, "agent", *(["--count", str(count)] if count else []), path] for _ in range(workers)]
-    agents = [subprocess.Popen(c) for c in cmds]
+    if not slices:
+        echo(f"[sweep] no agent started here (--workers 0); each `wandb agent {path}` runs trials into {out_dir}")
+        return 0
+    cmd = [exe, "agent", *(["--count", str(count)] if count else []), path]
+    agents = [subprocess.Popen(cmd, env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": s} if s else {})))
+              for s in slices]
     try:
         rc = max(a.wait() for a in agents)
     except KeyboardInterrupt:
