@@ -19,7 +19,7 @@ from .budget import available_cores, thread_env, trial_budget
 from .devices import SlicePool, gpu_slices, parse_gpus, torchrun_command
 from .proposers import make_proposer
 from .spec import (DEFAULT_COMMAND, TRIAL_DEFAULTS, SweepError, constants, default_out, load_sweep, params_key,
-                   swept_names)
+                   swept_names, trial_count)
 from .summary import write_summary
 from .trial import Trial, TrialProcesses, build_command, run_trial, trial_name
 
@@ -50,11 +50,7 @@ def run_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike] = None, 
     if slices and workers > len(slices):
         raise SweepError(f"--workers {workers} is more than the {len(slices)} slice(s) of {gpus_per_trial} GPU(s) "
                          f"that --gpus {gpus} holds: use --workers {len(slices)} or fewer")
-    if count is not None and count < 1:
-        raise SweepError(f"--count must be >= 1, got {count}")
-    count = count or cfg.get("run_cap")
-    if cfg["method"] in ("random", "bayes") and not count:
-        raise SweepError(f"a {cfg['method']} sweep needs a number of trials: pass --count N (or set run_cap in the file)")
+    count = trial_count(cfg, count)
     out_dir = Path(out) if out is not None else default_out(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     launch = LocalLaunch(cfg, file, out_dir, workers, count, echo, slices=slices, nproc=nproc)

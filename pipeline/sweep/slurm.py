@@ -34,7 +34,8 @@ from . import slurm_job
 from .devices import torchrun_command
 from .proposers import make_proposer
 from .slurm_job import NOT_INSTALLED, SUBMITIT_DIR, SlurmOptions, SubmititTrial, make_executor
-from .spec import DEFAULT_COMMAND, TRIAL_DEFAULTS, SweepError, constants, default_out, load_sweep, params_key, swept_names
+from .spec import (DEFAULT_COMMAND, TRIAL_DEFAULTS, SweepError, constants, default_out, load_sweep, params_key,
+                   swept_names, trial_count)
 from .summary import write_summary
 from .trial import build_command, trial_name
 
@@ -75,9 +76,7 @@ def run_slurm_sweep(file: str | os.PathLike, out: Optional[str | os.PathLike], o
     cfg = load_sweep(file)
     if workers is not None and workers < 1:
         raise SweepError(f"--workers must be >= 1, got {workers}")
-    count = count or cfg.get("run_cap")
-    if cfg["method"] in ("random", "bayes") and not count:
-        raise SweepError(f"a {cfg['method']} sweep needs a number of trials: pass --count N (or set run_cap in the file)")
+    count = trial_count(cfg, count)
     out_dir = Path(out) if out is not None else default_out(cfg)
     if opts.nproc_per_trial > 1 or opts.nodes_per_trial > 1:  # checked now: nothing may start otherwise
         torchrun_command(build_command(cfg.get("command", DEFAULT_COMMAND), {}, cfg.get("program")), 2)

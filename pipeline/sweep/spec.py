@@ -28,6 +28,17 @@ class SweepError(ValueError):
     """A problem with the sweep file or the way the sweep was asked for, with the fix."""
 
 
+def trial_count(cfg: Mapping[str, Any], count: Any) -> Any:
+    """How many trials a sweep runs: ``--count``, else the file's ``run_cap``; None (every point)
+    for a grid. A random or bayes sweep needs one."""
+    if count is not None and count < 1:
+        raise SweepError(f"--count must be >= 1, got {count}")
+    count = count or cfg.get("run_cap")
+    if cfg["method"] in ("random", "bayes") and not count:
+        raise SweepError(f"a {cfg['method']} sweep needs a number of trials: pass --count N (or set run_cap in the file)")
+    return count
+
+
 def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a W&B sweep file; returns the configuration as a dict."""
     p = Path(path)
