@@ -11,14 +11,16 @@ import torch
 from torch import nn
 
 from ..core.cadence import Every
-from .scaled_steps import ScaledSteps
-from .capture import INPUT, CaptureChoice, Discovery, EvalCapture, detach_value, soft_assignments, stack_outputs
-from ..health.checkpoint_check import check_checkpoint
 from ..core.events import RunContext, StepOutputs
 from ..core.finding import Finding
 from ..core.hub import MonitorHub, _print_console
 from ..core.options import number_in, optional_positive_int, positive_int
 from ..core.proto_stats import assignment_rows
+from ..health.checkpoint_check import check_checkpoint
+from ..health.optimizer_lookup import ProtoGroup
+from .capture import (INPUT, CaptureChoice, Discovery, EvalCapture, auto_capture_every, detach_value, soft_assignments,
+                      stack_outputs)
+from .scaled_steps import ScalerWatch
 
 __all__ = ["AttachedHub"]
 
@@ -28,19 +30,7 @@ _STEP_FIELDS = set(StepOutputs.__dataclass_fields__)
 _MAX_CHUNKS = 64
 
 
-#: steps between the automatic capture's assignments (above ``full_above`` prototypes: LARGE_K)
-AUTO_CAPTURE_EVERY = 5
-AUTO_CAPTURE_EVERY_LARGE_K = 20
-
-
-def auto_capture_every(ctx: RunContext) -> int:
-    """The automatic capture's cadence (the (N, D) x (D, K) product reads all of P, as the
-    whole-tensor statistics do, so it is rarer where those are)."""
-    large = ctx.prototypes.shape[0] > ctx.proto_stats.full_above
-    return AUTO_CAPTURE_EVERY_LARGE_K if large else AUTO_CAPTURE_EVERY
-
-
-class AttachedHub(ScaledSteps, MonitorHub):
+class AttachedHub(MonitorHub):
     """A :class:`MonitorHub` that drives its own events from hooks on a foreign loop.
 
     Adds to the hub: :meth:`detach`, :meth:`log_embeddings`, :meth:`capture`,
@@ -75,12 +65,15 @@ class AttachedHub(ScaledSteps, MonitorHub):
         self._eval_chunks: Optional[list[torch.Tensor]] = None  # inside `with hub.capture()`
         self._explicit: dict[str, Any] = {}          # hub.log_outputs(...) for this step
         self._assign: Optional[torch.Tensor] = None  # (N, K) derived at the pre-step hook
-        self._group_index: Optional[int] = None
+        self._proto_group = ProtoGroup()      # the prototypes' param group (train/lr, train/wd)
+        self._scaling = ScalerWatch()          # the loop's GradScaler, if any
+        self._boundary: Optional[tuple[int, dict[str, Any]]] = None  # (chunks, outputs) at a scaled boundary
+        self.skipped_steps = 0                 # steps the scaler skipped on inf/NaN: not counted, not logged
         self._started = False
         self._discovery: Optional[Discovery] = (
-            Discovery(ctx.model, ctx.prototypes, self._install_capture, teacher=ctx.teacher) if auto_capture and capture is None and isinstance(ctx.model, nn.Module) else None)
+            Discovery(ctx.model, ctx.prototypes, self._install_capture, teacher=ctx.teacher)
+            if auto_capture and capture is None and isinstance(ctx.model, nn.Module) else None)
         self._install_hooks(optimizer_hooks=install_hooks)
-
 
     def _capture_due(self) -> bool:
         """Whether the training-mode outputs of the current step are captured (``capture_every``)."""
@@ -157,7 +150,12 @@ class AttachedHub(ScaledSteps, MonitorHub):
         GradScaler: at ``optimizer.step()``, once the gradients are unscaled)."""
         if self._discovery is not None and not self._discovery.done:
             self._install_capture(self._discovery.choose())  # every forward pass of the step has run
-        if self._scaled_backward():  # scaled gradients: after_backward waits for optimizer.step()
+        if self._scaling.backward_is_scaled():  # scaled gradients: after_backward waits for optimizer.step()
+            if self._n_backward >= self.accumulate_grad_batches:  # the last boundary had no step: skipped
+                self._forget_skipped_step()
+            self._n_backward += 1
+            if self._n_backward >= self.accumulate_grad_batches:
+                self._boundary = (len(self._step_chunks), dict(self._explicit))
             return
         self._n_backward += 1
         if not self._backward_emitted and self._n_backward >= self.accumulate_grad_batches:
@@ -169,7 +167,9 @@ class AttachedHub(ScaledSteps, MonitorHub):
 
     def before_step(self, ctx: Optional[RunContext] = None) -> None:
         """Right before ``optimizer.step()``: parameters still old, gradients final (unscaled)."""
-        rerun = self._scaler_at_step()  # a GradScaler found only now: redo on the unscaled gradients
+        # a GradScaler found only now: redo the gradient work on the unscaled gradients
+        rerun = self._scaling.at_step(self.ctx.extra) and self._backward_emitted
+        self._boundary = None
         if not self._backward_emitted or rerun:
             self.after_backward(ctx)
         if self._discovery is not None and not self._discovery.done:
@@ -232,22 +232,22 @@ class AttachedHub(ScaledSteps, MonitorHub):
         return soft_assignments(x, self.ctx.prototypes, self.assign_temperature)
 
     def _schedules(self) -> dict[str, float]:
-        opt = self.ctx.optimizer
-        if opt is None:
-            return {}
-        groups = opt.param_groups
-        i = self._group_index
-        if i is None or i >= len(groups) or not any(p is self.ctx.prototypes for p in groups[i]["params"]):
-            i = next((j for j, g in enumerate(groups) if any(p is self.ctx.prototypes for p in g["params"])), None)
-            self._group_index = i
-        if i is None:
-            return {}
-        g = groups[i]
-        out = {}
-        for key, name in (("lr", "lr"), ("weight_decay", "wd")):
-            if isinstance(g.get(key), (int, float)):
-                out[name] = float(g[key])
-        return out
+        """lr and wd of the prototypes' param group (``train/lr``, ``train/wd``)."""
+        g = self._proto_group.group(self.ctx.optimizer, self.ctx.prototypes)
+        return {name: float(g[key]) for key, name in (("lr", "lr"), ("weight_decay", "wd"))
+                if g is not None and isinstance(g.get(key), (int, float))}
+
+    def _forget_skipped_step(self) -> None:
+        """The scaler skipped the last step (no ``optimizer.step()``): drop what was captured for
+        it; it is neither counted nor logged."""
+        n, explicit = self._boundary or (0, {})
+        del self._step_chunks[:n]
+        self._explicit = {k: v for k, v in self._explicit.items() if explicit.get(k) is not v}
+        self._n_backward = 0
+        self._backward_emitted = False
+        self._assign = None
+        self._boundary = None
+        self.skipped_steps += 1
 
     def _step_outputs(self, outputs: Optional[Mapping[str, Any]]) -> StepOutputs:
         fields: dict[str, Any] = {}

@@ -10,8 +10,21 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["INPUT", "parse_capture", "prototype_layer", "CaptureChoice", "Discovery", "stack_outputs",
-           "soft_assignments", "EvalCapture", "labels_list", "detach_value"]
+__all__ = ["INPUT", "AUTO_CAPTURE_EVERY", "AUTO_CAPTURE_EVERY_LARGE_K", "auto_capture_every", "parse_capture",
+           "prototype_layer", "CaptureChoice", "Discovery", "stack_outputs", "soft_assignments", "EvalCapture",
+           "labels_list", "detach_value"]
+
+
+#: steps between the automatic capture's assignments (above ``full_above`` prototypes: LARGE_K)
+AUTO_CAPTURE_EVERY = 5
+AUTO_CAPTURE_EVERY_LARGE_K = 20
+
+
+def auto_capture_every(ctx: Any) -> int:
+    """The automatic capture's cadence (the (N, D) x (D, K) product reads all of P, as the
+    whole-tensor statistics do, so it is rarer where those are)."""
+    large = ctx.prototypes.shape[0] > ctx.proto_stats.full_above
+    return AUTO_CAPTURE_EVERY_LARGE_K if large else AUTO_CAPTURE_EVERY
 
 
 def parse_capture(capture: Any, model: Optional[nn.Module]) -> Optional[tuple[nn.Module, str, Any]]:
