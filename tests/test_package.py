@@ -112,34 +112,35 @@ def test_attach_loop_runs_from_the_installed_package(installed, tmp_path):
 
 
 def test_cli_lists_the_pipeline_subcommands_that_exist():
-    """monitors/cli.py names the pipeline's subcommands without importing it; they must not drift."""
+    """pipeline/console.py names the pipeline's subcommands without importing its command line;
+    they must not drift."""
     import argparse
 
-    from monitors.cli import PIPELINE_COMMANDS
+    from pipeline.console import PIPELINE_COMMANDS
     from pipeline.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(PIPELINE_COMMANDS) == set(sub.choices)
 
 
-def test_cli_does_not_import_the_pipeline_for_monitor_commands(tmp_path):
-    code = ("import sys; from monitors.cli import main\n"
+def test_console_loads_no_trainer_module_for_monitor_commands(tmp_path):
+    """``protowatch --help`` (and the monitors' subcommands) import nothing of the pipeline but the
+    console itself (the trainer's modules, and with them its extras, only for its subcommands)."""
+    code = ("import sys; from pipeline.console import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('PIPELINE_LOADED', any(m == 'pipeline' or m.startswith('pipeline.') for m in sys.modules))")
+            "print('LOADED', sorted(m for m in sys.modules if m.startswith('pipeline.')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert "PIPELINE_LOADED False" in r.stdout, r.stdout + r.stderr
+    assert "LOADED ['pipeline.console']" in r.stdout, r.stdout + r.stderr
 
 
 def test_missing_extra_is_one_line(monkeypatch, capsys):
     """A pipeline subcommand whose extra is not installed says which extra to install."""
-    import importlib
+    from pipeline import console
 
-    from monitors import cli
-
-    def fake_import(name):
+    def fake_import():
         raise ModuleNotFoundError("No module named 'soundfile'", name="soundfile")
 
-    monkeypatch.setattr(importlib, "import_module", fake_import)
-    assert cli.main(["train"]) == 2
+    monkeypatch.setattr(console, "_pipeline_cli", fake_import)
+    assert console.main(["train"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'protowatch[pipeline]'" in err and "soundfile" in err and err.count("\n") == 1

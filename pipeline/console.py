@@ -4,18 +4,20 @@ subcommands of ``python -m pipeline`` and ``python -m monitors``.
     protowatch train --config experiments/sdpn_tiny.yaml      -> pipeline.cli.main
     protowatch dashboard runs/sdpn_tiny                        -> monitors.__main__.main
 
-``monitors`` never imports ``pipeline`` at module level (tests/test_layers.py): the pipeline's command
-line is imported only when one of its subcommands is asked for, and a missing extra (``pip install
-'protowatch[pipeline]'``) is reported in one line instead of a traceback.
+It lives at the top of the house, in ``pipeline/`` (which may import ``monitors``; ``monitors``
+never imports ``pipeline``), and imports nothing but the standard library and ``monitors`` until
+a subcommand is chosen: the pipeline's command line (and its extras) only for a pipeline
+subcommand, so ``protowatch dashboard`` and ``protowatch inspect`` need only the core, and a
+missing extra (``pip install 'protowatch[pipeline]'``) is reported in one line instead of a
+traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from . import __version__
+from monitors import __version__
 
 # the subcommands of pipeline/cli.py (tests/test_package.py checks this list against its parser);
 # written here so that --help lists them without importing the pipeline or its extras
@@ -32,7 +34,7 @@ EXTRA_OF_MODULE: Dict[str, str] = {"tqdm": "pipeline", "soundfile": "pipeline", 
 
 def monitors_commands() -> Dict[str, str]:
     """The subcommands of ``python -m monitors`` with their help, read from its own parser."""
-    from .__main__ import build_parser
+    from monitors.__main__ import build_parser
 
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -56,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pipeline_cli() -> Any:
+    """The pipeline's command line: the trainer's imports (and its extras) happen only now."""
+    from . import cli
+
+    return cli
+
+
 def _missing_extra(exc: ModuleNotFoundError) -> Optional[str]:
     top = (exc.name or "").split(".")[0]
     return EXTRA_OF_MODULE.get(top)
@@ -72,14 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in PIPELINE_COMMANDS:
         try:
-            pipeline_cli = importlib.import_module("pipeline.cli")
-            return pipeline_cli.main([command, *rest])
+            return _pipeline_cli().main([command, *rest])
         except ModuleNotFoundError as exc:
             top = (exc.name or "").split(".")[0]
-            if top == "pipeline":
-                print("error: the 'pipeline' package is not installed; reinstall protowatch "
-                      "(pip install 'protowatch[pipeline]')", file=sys.stderr)
-                return 2
             extra = _missing_extra(exc)
             if extra is None:
                 raise
@@ -87,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"pip install 'protowatch[{extra}]'", file=sys.stderr)
             return 2
     if command in monitors_commands():
-        from .__main__ import main as monitors_main
+        from monitors.__main__ import main as monitors_main
 
         return monitors_main([command, *rest])
     print(f"error: unknown subcommand {command!r}; choose one of "
