@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
+
+from ..formats.checkpoints import tensor_paths
 
 __all__ = ["Located", "flatten", "locate", "effective_weight", "model_tensors", "optimizer_state_for",
            "two_dim_tensors", "is_teacher_path"]
@@ -46,20 +48,10 @@ def _canonical(path: str) -> str:
                     and not t.startswith("teacher") and not t.startswith("student"))
 
 
-def flatten(obj: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """(path, tensor) of every tensor in nested mappings, lists and tuples."""
-    if depth > 16:
-        return
-    if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):  # a whole pickled object (--trust-pickle)
-        obj = obj.state_dict()
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from flatten(v, f"{prefix}/{k}" if prefix else str(k), depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from flatten(v, f"{prefix}/{i}" if prefix else str(i), depth + 1)
+def flatten(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """``{path: tensor}`` of every tensor in a checkpoint (:func:`monitors.formats.checkpoints.tensor_paths`),
+    detached: a whole pickled module (``--trust-pickle``) gives its parameters' values."""
+    return {path: t.detach() for path, t in tensor_paths(checkpoint)}
 
 
 def _is_model_path(path: str) -> bool:

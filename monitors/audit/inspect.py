@@ -62,7 +62,7 @@ def inspect_series(paths: Sequence[str | os.PathLike], *, key: Optional[str] = N
             report.notes.append(f"{f.path}: left out, it could not be read ({type(exc).__name__}; truncated?)")
             continue
         label, number = label_of(f, checkpoint, i)
-        flat = dict(flatten(checkpoint))
+        flat = flatten(checkpoint)
         where = locate(flat, key)
         if key is not None and where.student is None:
             shown = ", ".join(f"{p} {tuple(s)}" for p, s in where.candidates[:12]) or "none"

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 from ..core.codes import (PROTO_DUPLICATES, PROTO_NONFINITE, PROTO_NOT_IN_CHECKPOINT, PROTO_NOT_UPDATING,
                      PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT, TEACHER_NOT_UPDATING, fix_of)
 from ..core.finding import Finding
+from ..health.trainer_checks import EMA_NOT_APPLIED
 
 __all__ = ["judge"]
 
@@ -83,10 +84,7 @@ def judge(rows: Sequence[Row], *, dup_cosine: float = 0.99, dup_fraction: float 
     for a, b in _runs(rows, lambda r: r.get("teacher_tensors", 0) > 0 and r.get("teacher_changed") == 0):
         if any(student_moved(r) for r in rows[a + 1: b + 1]):
             out.append(Finding(TEACHER_NOT_UPDATING, "warning", rows[b]["number"], (
-                f"the teacher has not changed {_span(rows, a, b)} while the student trained: the EMA update "
-                "is not applied (or its momentum is 1). Fix: after optimizer.step(), update it every step: "
-                "with torch.no_grad(): for t, s in zip(teacher.parameters(), student.parameters()): "
-                "t.mul_(m).add_(s.detach(), alpha=1 - m), with m < 1 (e.g. 0.996 -> 1 on a cosine).")))
+                f"the teacher has not changed {_span(rows, a, b)} while the student trained: {EMA_NOT_APPLIED}")))
     dups = [r for r in rows if r.get("dup_rows") and r["duplicates"] / r["dup_rows"] > dup_fraction]
     if dups:
         r = dups[0]

@@ -11,12 +11,12 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "load_checkpoint"]
+__all__ = ["SAFE_GLOBALS", "UnsafeCheckpointError", "load_checkpoint", "tensor_paths"]
 
 
 def _numpy_globals() -> list[Any]:
@@ -86,3 +86,36 @@ def _load(path: Path, *, mmap: bool, weights_only: bool, map_location: Any) -> A
             if "mmap" not in str(exc) and "zipfile" not in str(exc).lower():
                 raise
     return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+
+def tensor_paths(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor in a checkpoint: nested mappings, lists, tuples, modules
+    (their parameters as they are: ``state_dict(keep_vars=True)``) and optimizers, keys joined by
+    ``/`` (``model/head.prototypes``, ``optimizer/state/3/exp_avg``). An object reached twice is
+    walked once."""
+    yield from _walk(obj, "", set(), 0)
+
+
+def _walk(obj: Any, path: str, seen: set, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+    if depth > 32:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        return
+    if isinstance(obj, (str, bytes, int, float, bool)) or obj is None:
+        return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict(keep_vars=True)
+    elif isinstance(obj, torch.optim.Optimizer):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return
+    for k, v in items:
+        yield from _walk(v, f"{path}/{k}" if path else str(k), seen, depth + 1)

@@ -6,43 +6,16 @@ One implementation for every loop: the doctor's ``on_save_checkpoint`` / ``on_lo
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from ..core.codes import PROTO_NOT_IN_CHECKPOINT, PROTO_OPTIMIZER_STATE_NOT_IN_CHECKPOINT
 from ..core.finding import Finding
+from ..formats.checkpoints import tensor_paths
 from .optimizer_lookup import locate, same_storage
 
 __all__ = ["find_prototypes_in_checkpoint", "prototype_optimizer_state_in_checkpoint", "check_checkpoint"]
-
-
-def _walk(obj: Any, path: tuple, seen: set, depth: int = 0) -> Iterator[tuple[tuple, torch.Tensor]]:
-    """Yield (key path, tensor) for every tensor in nested dicts/lists/modules/optimizers."""
-    if depth > 32:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-        return
-    if isinstance(obj, (str, bytes, int, float, bool)) or obj is None:
-        return
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict(keep_vars=True)
-    elif isinstance(obj, torch.optim.Optimizer):
-        obj = obj.state_dict()
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _walk(v, path + (k,), seen, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _walk(v, path + (i,), seen, depth + 1)
-
-
-def _path_str(path: tuple) -> str:
-    return "/".join(str(k) for k in path)
 
 
 class _Matcher:
@@ -74,7 +47,7 @@ def find_prototypes_in_checkpoint(checkpoint: Any, prototypes: torch.Tensor) -> 
     lists, tuples, modules and optimizers are searched; a match is the same tensor, the same
     storage, or the same shape with equal values (compared on CPU copies). Empty: not saved."""
     match = _Matcher(prototypes)
-    return [_path_str(path) for path, t in _walk(checkpoint, (), set()) if match(t)]
+    return [path for path, t in tensor_paths(checkpoint) if match(t)]
 
 
 def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor, name: Optional[str] = None) -> list[str]:
@@ -85,10 +58,7 @@ def _proto_like_paths(checkpoint: Any, prototypes: torch.Tensor, name: Optional[
     def named(path: str) -> bool:
         return "proto" in path.lower() or any(path.endswith(t) for t in tails if t)
 
-    return [
-        _path_str(path) for path, t in _walk(checkpoint, (), set())
-        if t.shape == prototypes.shape and named(_path_str(path))
-    ]
+    return [path for path, t in tensor_paths(checkpoint) if t.shape == prototypes.shape and named(path)]
 
 
 def prototype_optimizer_state_in_checkpoint(checkpoint: Any, prototypes: torch.Tensor, optimizer: Any) -> bool:

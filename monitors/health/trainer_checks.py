@@ -76,6 +76,12 @@ def _fingerprint(params: list[torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.stack([p.detach().sum(dtype=torch.float64).to(params[0].device) for p in params])
 
 
+#: the cause and fix of TEACHER_NOT_UPDATING, worded once for a live run and for ``inspect``
+EMA_NOT_APPLIED = ("the EMA update is not applied (or its momentum is 1). Fix: after optimizer.step(), update it "
+                   "every step: with torch.no_grad(): for t, s in zip(teacher.parameters(), student.parameters()): "
+                   "t.mul_(m).add_(s.detach(), alpha=1 - m), with m < 1 (e.g. 0.996 -> 1 on a cosine).")
+
+
 class TrainerChecks(Monitor):
     """The checks of :mod:`monitors.health.trainer_checks`.
 
@@ -285,10 +291,7 @@ class TrainerChecks(Monitor):
             if self.teacher_still >= self.teacher_patience:
                 self.report(ctx, TEACHER_NOT_UPDATING, "warning", (
                     f"the teacher ({type(ctx.teacher).__name__}) has not changed for {self.teacher_still} "
-                    f"steps (up to step {ctx.step}) while the student trained: the EMA update is not applied "
-                    "(or its momentum is 1). Fix: after optimizer.step(), update it every step: with "
-                    "torch.no_grad(): for t, s in zip(teacher.parameters(), student.parameters()): "
-                    "t.mul_(m).add_(s.detach(), alpha=1 - m), with m < 1 (e.g. 0.996 -> 1 on a cosine)."
+                    f"steps (up to step {ctx.step}) while the student trained: {EMA_NOT_APPLIED}"
                 ))
         return None
 
