@@ -39,7 +39,7 @@ class Monitor:
         """Report a finding at the current step. It is reported once per ``code`` and ``key``
         (default: the severity, so an ``info`` may still be followed by an ``error`` of the same
         code): the hub collects it after the hook returns and drops repeats, its one
-        deduplication (:meth:`MonitorHub.add_finding <monitors.core.hub.MonitorHub.add_finding>`)."""
+        deduplication (:meth:`MonitorHub.report <monitors.core.hub.MonitorHub.report>`)."""
         self._pending_findings.append((Finding(code, severity, int(ctx.step), message), key))
 
     def pop_findings(self) -> list[Finding]:

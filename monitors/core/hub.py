@@ -178,13 +178,13 @@ class MonitorHub:
         except Exception as exc:  # a monitor must never stop training
             self.disabled[m.name] = f"{type(exc).__name__}: {exc}"
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            self.add_finding(Finding(
+            self.report(Finding(
                 MONITOR_FAILED, "warning", int(ctx.step),
                 f"monitor {m.name!r} raised in {hook} ({detail}) and was switched off; "
                 "training goes on. Fix the monitor or remove it from the monitors list.",
             ))
         for f, key in m.pop_reports():
-            self.add_finding(f, key)
+            self.report(f, key)
 
     # -- values -----------------------------------------------------------------------------
     def log(self, values: Mapping[str, Any], step: Optional[int] = None) -> None:
@@ -260,13 +260,13 @@ class MonitorHub:
         else:
             what = recovered
         step = int(self.ctx.step) if self.ctx is not None else max(self._last_flushed_step, 0)
-        self.add_finding(Finding(SINK_FAILED, "warning", step, f"sink {name} raised in {method} ({detail}) and {what}."))
+        self.report(Finding(SINK_FAILED, "warning", step, f"sink {name} raised in {method} ({detail}) and {what}."))
 
     # -- findings ---------------------------------------------------------------------------
-    def add_finding(self, f: Finding, key: Any = None) -> None:
+    def report(self, f: Finding, key: Any = None) -> None:
         """Record ``f`` and hand it to the console and the sinks, once per code and ``key``
-        (default: its severity): the one deduplication of findings (``Monitor.report`` and
-        :meth:`report` end here)."""
+        (default: its severity): the one deduplication of findings. Monitors' reports end here,
+        as do the hub's own codes and findings from outside a monitor (attach-time checks)."""
         seen = (f.code, f.severity if key is None else str(key))
         if seen in self._seen:
             return
@@ -281,10 +281,6 @@ class MonitorHub:
                 self.call_sink(sink, "alert", f)
         if f.severity == "error" and self.stop_on_error:
             self.should_stop = True
-
-    def report(self, finding: Finding, key: Any = None) -> None:
-        """Add a finding from outside a monitor (e.g. attach-time static checks), once per code and ``key``."""
-        self.add_finding(finding, key)
 
     def health_summary(self) -> dict[str, Any]:
         """``health/errors``, ``health/warnings`` and ``health/codes``: the counts by severity and
