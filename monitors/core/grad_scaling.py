@@ -1,4 +1,4 @@
-"""``torch.amp.GradScaler`` in a foreign loop, as :class:`monitors.attached_hub.AttachedHub` sees it.
+"""``torch.amp.GradScaler`` in a foreign loop, as :class:`monitors.attaching.attached_hub.AttachedHub` sees it.
 
 Under a GradScaler the backward pass produces gradients multiplied by the scale S (2**16 at the
 start): ``scaler.scale(loss).backward()``. The gradients become the true ones only when
